@@ -1,0 +1,62 @@
+"""Small helpers shared by the analyses: input conversion, device choice, validation."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def as_tensor(x: Any, *, name: str = "X", dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None, check_finite: bool = True) -> torch.Tensor:
+    """numpy / torch / nested lists -> 2-D tensor [n, d]; clear errors for wrong shape or NaN/inf."""
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"{name} must be a torch tensor or numpy array [n, d], got {type(x).__name__}") from e
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n, d] (rows = datapoints), got shape {tuple(t.shape)}")
+    if not (t.is_floating_point()):
+        t = t.to(torch.float64)
+    if dtype is not None or device is not None:
+        t = t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
+    if check_finite:
+        check_finite_rows(t, name)
+    return t
+
+
+def check_finite_rows(t: torch.Tensor, name: str = "X", offset: int = 0) -> None:
+    """Raise naming the first row with NaN / inf (offset: row number of t[0] in the whole input)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row = int(bad.any(dim=-1).nonzero()[0, 0]) + offset
+        raise ValueError(f"{name} has NaN or inf values (first bad row: {row}); "
+                         "clean or drop those rows before analysing")
+
+
+def iter_batches(source: Any) -> Iterator[torch.Tensor]:
+    """A tensor/array is one batch; an iterable of batches is passed through."""
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        yield as_tensor(source, check_finite=False)
+        return
+    if callable(source):
+        source = source()
+    for b in source:
+        yield as_tensor(b, check_finite=False)
+
+
+def is_batch_iterable(x: Any) -> bool:
+    return not isinstance(x, (torch.Tensor, np.ndarray)) and isinstance(x, Iterable)

@@ -1,0 +1,110 @@
+"""Step results on disk: a folder with `result.json` (typed, versioned, written last), tensors in
+`tensors.safetensors`, and plotly figures as standalone HTML. Readers trust a result only when
+result.json exists, so a half-written folder is never mistaken for a complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import WorkbenchError
+
+RESULT_FILE = "result.json"
+TENSOR_FILE = "tensors.safetensors"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def prepare_out(out: str | os.PathLike, overwrite: bool, what: str = "result") -> Path:
+    """Refuse to clobber a complete artefact unless overwrite; clear a half-written one."""
+    out = Path(out)
+    if out.exists():
+        complete = any((out / f).exists() for f in (RESULT_FILE, "manifest.json", "cfg.json"))
+        if complete and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a {what}; pass --overwrite to replace it or choose another --out")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_result(out: str | os.PathLike, kind: str, data: dict[str, Any], *, version: int = 1,
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 figures: dict[str, Any] | None = None) -> Path:
+    """Write a result folder. `figures` maps a name to a plotly Figure (saved as NAME.html)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, out / TENSOR_FILE)
+    files = {}
+    for name, fig in (figures or {}).items():
+        path = out / f"{name}.html"
+        fig.write_html(path, include_plotlyjs="cdn", full_html=True)
+        files[name] = path.name
+    meta = {"kind": kind, "version": version, **data}
+    if files:
+        meta.setdefault("figures", {}).update(files)
+    if tensors:
+        meta["tensors"] = sorted(tensors)
+    atomic_write_json(out / RESULT_FILE, meta)
+    return out
+
+
+def read_result(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The result.json of a result folder (checked against `kind` when given)."""
+    path = Path(path)
+    f = path / RESULT_FILE
+    if not f.exists():
+        raise WorkbenchError(f"{path} is not a complete result (no {RESULT_FILE}); rerun the step that makes it")
+    meta = json.loads(f.read_text())
+    if kind is not None and meta.get("kind") != kind:
+        raise WorkbenchError(f"{path} holds a {meta.get('kind')!r} result, expected {kind!r}")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    f = Path(path) / TENSOR_FILE
+    if not f.exists():
+        return {}
+    return load_file(f)
