@@ -1,0 +1,472 @@
+"""Shared machinery of every SAE architecture: config, typed train-step input/output, the base module
+(encode / decode / forward / save / load), sparse encode-gather and sparse decode.
+
+Conventions (Gao et al. 2024, SAELens, EleutherAI sparsify):
+
+* parameters ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in];
+  encode ``f = act((x - b_dec) W_enc + b_enc)`` (``b_dec`` subtracted only when
+  ``apply_b_dec_to_input``), decode ``x_hat = f W_dec + b_dec`` — exactly SAELens' forward, so a saved
+  folder gives the same numbers in ``sae_lens.SAE.load_from_disk``.
+* decoder rows unit-norm, re-normalised after every optimiser step, with the gradient component parallel
+  to each row removed before the step; encoder initialised as the decoder transpose.
+* training losses are written as *contributions to the loss of the global batch* (sums over the local rows
+  divided by global normalisers carried in :class:`TrainStepInput`), so data-parallel ranks simply sum
+  their gradients and get the single-process gradient.
+* reconstruction loss = FVU of the batch: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (sparsify style;
+  scale-free, so the default coefficients do not depend on the activation scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------- config
+
+@dataclass
+class SAEConfig:
+    """Everything that defines an SAE. Architecture-specific training options live here too (they are
+    ignored by the architectures that do not use them) and are kept in cfg.json ``metadata`` on save."""
+
+    arch: str
+    d_in: int
+    d_sae: int
+    k: int | None = None                  # topk / batchtopk / matryoshka: active latents per token
+    dtype: str = "float32"
+    device: str = "cpu"
+    apply_b_dec_to_input: bool = True
+    # --- TopK family: AuxK loss for dead latents
+    aux_k: int | None = None              # default d_in // 2
+    aux_coef: float = 1 / 32
+    dead_tokens: int | None = None        # latent is dead after this many tokens without firing
+    # --- BatchTopK / Matryoshka: EMA rate of the global inference threshold
+    threshold_ema: float = 0.01
+    matryoshka_widths: list[int] | None = None
+    # --- ReLU + L1
+    l1_coef: float = 3e-2
+    l1_warmup_frac: float = 0.05
+    # --- JumpReLU
+    l0_coef: float = 1e-2
+    bandwidth: float = 0.05
+    init_threshold: float = 0.1
+    l0_warmup_frac: float = 0.0
+    threshold_lr_mult: float = 20.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def training_options(self) -> dict[str, Any]:
+        """The architecture-specific options worth recording (those that matter for this arch)."""
+        keys = {"relu": ["l1_coef", "l1_warmup_frac"],
+                "topk": ["aux_k", "aux_coef", "dead_tokens"],
+                "batchtopk": ["aux_k", "aux_coef", "dead_tokens", "threshold_ema"],
+                "matryoshka": ["aux_k", "aux_coef", "dead_tokens", "threshold_ema", "matryoshka_widths"],
+                "jumprelu": ["l0_coef", "bandwidth", "init_threshold", "l0_warmup_frac",
+                             "threshold_lr_mult"]}.get(self.arch, [])
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------- collectives
+
+class Collective:
+    """What a train step needs from data parallelism; the default is the single-process identity.
+    :mod:`analyses.sae.train` passes a torch.distributed-backed one when running under torchrun."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+SINGLE = Collective()
+
+
+class DistCollective(Collective):
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist = dist
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        # sizes may differ between ranks: pad to the largest
+        n = torch.tensor([t.numel()], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        self.dist.all_gather(sizes, n)
+        m = int(max(int(s) for s in sizes))
+        buf = torch.full((m,), float("-inf"), dtype=t.dtype, device=t.device)
+        buf[: t.numel()] = t.flatten()
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        self.dist.all_gather(out, buf)
+        return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+# ------------------------------------------------------------------------------ train step types
+
+@dataclass
+class TrainStepInput:
+    """One step's input (SAELens style). ``x`` is this rank's slice of the global batch, already
+    normalised; ``denom`` = sum over the *global* batch of ||x - mean(x)||^2; ``n_global`` = rows in the
+    global batch; ``dead_mask`` [d_sae] bool or None; ``coefficients`` (e.g. l1, l0) after warm-up."""
+
+    x: torch.Tensor
+    denom: torch.Tensor
+    n_global: int
+    dead_mask: torch.Tensor | None = None
+    coefficients: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    dist: Collective = SINGLE
+
+
+@dataclass
+class TrainStepOutput:
+    """``loss`` (this rank's contribution to the global loss, backward() on it), ``losses`` (named parts,
+    detached), ``x_hat`` (detached), ``counts`` [d_sae] firing counts on the local rows, ``l0_sum`` (local
+    total of active latents), ``sq_err`` (local sum ||x - x_hat||^2)."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    x_hat: torch.Tensor
+    counts: torch.Tensor
+    l0_sum: torch.Tensor
+    sq_err: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SparseActs:
+    """Sparse latent codes of a batch: bag ``b`` holds ``values[offsets[b]:offsets[b+1]]`` at latent
+    indices ``indices[...]`` (the layout of ``torch.nn.functional.embedding_bag``). ``rows`` repeats the
+    bag index for every entry."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    n_rows: int
+    d_sae: int
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.n_rows, self.d_sae, dtype=self.values.dtype, device=self.values.device)
+        out[self.rows, self.indices] = self.values
+        return out
+
+    @staticmethod
+    def from_topk(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> "SparseActs":
+        b, k = indices.shape
+        dev = indices.device
+        return SparseActs(values.reshape(-1), indices.reshape(-1),
+                          torch.arange(b, device=dev).repeat_interleave(k),
+                          torch.arange(b, device=dev) * k, b, d_sae)
+
+    @staticmethod
+    def from_mask(pre: torch.Tensor, mask: torch.Tensor) -> "SparseActs":
+        rows, cols = mask.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=pre.shape[0])
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        return SparseActs(pre[rows, cols], cols, rows, offsets, pre.shape[0], pre.shape[1])
+
+
+# ------------------------------------------------------------------------- sparse autograd pieces
+
+class _GatherPreActs(torch.autograd.Function):
+    """values = pre[rows, cols] where pre = (x - b_dec) W_enc + b_enc was computed without autograd.
+    Backward touches only the selected entries: grad W_enc = (S @ x_in)^T with S [d_sae, n] sparse —
+    O(nnz d_in) instead of the dense O(n d_in d_sae) (sparsify's fused-encoder idea)."""
+
+    @staticmethod
+    def forward(ctx, pre, x_in, W_enc, b_enc, b_dec, rows, cols, use_b_dec):
+        ctx.save_for_backward(x_in, W_enc, rows, cols)
+        ctx.use_b_dec = use_b_dec
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        x_in, W_enc, rows, cols = ctx.saved_tensors
+        g = g.float() if g.dtype != W_enc.dtype else g
+        g = g.to(W_enc.dtype)
+        d_sae = W_enc.shape[1]
+        grad_W = grad_b = grad_bdec = None
+        if ctx.needs_input_grad[2]:
+            S = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, x_in.shape[0]),
+                                        is_coalesced=False, check_invariants=False)
+            grad_W = torch.sparse.mm(S, x_in.to(W_enc.dtype)).t()
+        gb = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+        if ctx.needs_input_grad[3]:
+            grad_b = gb
+        if ctx.needs_input_grad[4] and ctx.use_b_dec:
+            grad_bdec = -(W_enc @ gb)
+        return None, None, grad_W, grad_b, grad_bdec, None, None, None
+
+
+def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = sum of the active decoder rows weighted by their activations (+ b_dec), without the
+    dense [n, d_sae] @ [d_sae, d_in] matmul. ``values`` overrides ``acts.values`` (masked prefixes)."""
+    v = acts.values if values is None else values
+    out = F.embedding_bag(acts.indices, W_dec, acts.offsets, mode="sum",
+                          per_sample_weights=v.to(W_dec.dtype))
+    return out if b_dec is None else out + b_dec
+
+
+def _rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """f = z H(z - theta). d f/d z = H(z - theta); d f/d theta = -(theta/eps) K((z - theta)/eps) with the
+    rectangle kernel K (Rajamanoharan et al. 2024), summed over the batch."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = (z > theta).to(g.dtype) * g
+        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).sum(0)
+        return grad_z, grad_theta.to(theta.dtype), None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z - theta) with d/d theta = -(1/eps) K((z - theta)/eps); no gradient to z."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).sum(0)
+        return None, grad_theta.to(theta.dtype), None
+
+
+# --------------------------------------------------------------------------------------- the SAE
+
+class SAE(nn.Module):
+    """Base class. Subclasses set ``arch`` / ``saelens_arch`` and implement ``encode`` and
+    ``training_forward``. Inference is always the deterministic per-token rule (BatchTopK / Matryoshka
+    use their learned global threshold), so a module behaves the same in train() and eval()."""
+
+    arch: ClassVar[str] = "base"
+    saelens_arch: ClassVar[str] = "standard"
+    sparse_codes: ClassVar[bool] = False   # encode_sparse gives a fixed-k code (TopK)
+
+    def __init__(self, cfg: SAEConfig, *, init: bool = True):
+        super().__init__()
+        validate_config(cfg)
+        self.cfg = cfg
+        dt = DTYPES.get(cfg.dtype, torch.float32)
+        dev = torch.device(cfg.device) if cfg.device != "meta" else torch.device("cpu")
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dt, device=dev))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt, device=dev))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dt, device=dev))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dt, device=dev))
+        self.sparsity: torch.Tensor | None = None   # log10 firing rates, set after training
+        if init:
+            self.reset_parameters()
+
+    # ----- init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    # ----- inference
+    def _x_in(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return self._x_in(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseActs:
+        """Sparse codes of a 2-D batch (the non-zeros of ``encode`` for dense architectures)."""
+        f = self.encode(x.reshape(-1, self.cfg.d_in))
+        return SparseActs.from_mask(f, f != 0)
+
+    def decode_sparse(self, acts: SparseActs) -> torch.Tensor:
+        return sparse_decode(acts, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse_codes:
+            shape = x.shape
+            return self.decode_sparse(self.encode_sparse(x.reshape(-1, shape[-1]))).reshape(shape)
+        return self.decode(self.encode(x))
+
+    # ----- training hooks
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def coefficients(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.W_enc, self.b_enc, self.W_dec, self.b_dec], "lr_mult": 1.0}]
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        W = self.W_dec
+        g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def after_step(self, out: TrainStepOutput) -> None:
+        """Called after each optimiser step (BatchTopK: threshold EMA lives in training_forward)."""
+
+    @torch.no_grad()
+    def fold_scale(self, s: float) -> None:
+        """The SAE was trained on x * s; make it act on raw x. Pre-activations, codes and thresholds
+        are divided by s (decoder rows stay unit-norm): b_dec /= s, b_enc /= s, thresholds /= s."""
+        self.b_dec.div_(s)
+        self.b_enc.div_(s)
+
+    # ----- common loss pieces
+    def _aux_loss(self, inp: TrainStepInput, pre: torch.Tensor, x_in: torch.Tensor,
+                  residual: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al.): the top ``aux_k`` dead latents reconstruct the residual x - x_hat;
+        normalised by the residual's variance over the global batch; scaled by min(n_dead/k_aux, 1)."""
+        zero = residual.new_zeros(())
+        if inp.dead_mask is None:
+            return zero
+        dead_idx = inp.dead_mask.nonzero().flatten()
+        n_dead = int(dead_idx.numel())
+        if n_dead == 0:
+            return zero
+        k_aux = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
+        scale = min(n_dead / k_aux, 1.0)
+        kk = min(k_aux, n_dead)
+        with torch.no_grad():
+            sub = pre[:, dead_idx]
+            _, ai = sub.topk(kk, dim=1, sorted=False)
+            cols = dead_idx[ai]
+        acts = SparseActs.from_topk(torch.empty(0), cols, self.cfg.d_sae)
+        vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
+                                    self.cfg.apply_b_dec_to_input).relu()
+        e_hat = sparse_decode(acts, self.W_dec, None, values=vals)
+        e = residual.detach().to(e_hat.dtype)
+        stats = inp.dist.all_reduce_sum(torch.cat([e.sum(0), e.pow(2).sum().reshape(1)]).double())
+        res_var = (stats[-1] - stats[:-1].pow(2).sum() / inp.n_global).clamp_min(1e-12)
+        return self.cfg.aux_coef * scale * (e_hat - e).pow(2).sum() / res_var.to(e.dtype)
+
+    # ----- persistence
+    def save(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
+        """SAELens 6.x folder (cfg.json + sae_weights.safetensors [+ sparsity.safetensors])."""
+        from .formats import save_saelens
+        return save_saelens(self, path, sparsity=sparsity)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> "SAE":
+        """Load any SAELens-format (or sparsify) folder as the matching workbench class."""
+        from .formats import load_sae
+        sae = load_sae(path, device=device, dtype=dtype)
+        if cls is not SAE and not isinstance(sae, cls):
+            raise ValueError(f"{path} holds a {sae.arch!r} SAE, not {cls.arch!r}")
+        return sae
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, k={self.cfg.k}"
+
+
+# ----------------------------------------------------------------------------------- validation
+
+KNOWN_ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+
+
+def validate_config(cfg: SAEConfig) -> None:
+    if cfg.arch not in KNOWN_ARCHS:
+        raise ValueError(f"unknown SAE architecture {cfg.arch!r}; known: {', '.join(KNOWN_ARCHS)}")
+    for name in ("d_in", "d_sae"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.arch in ("topk", "batchtopk", "matryoshka"):
+        if cfg.k is None:
+            raise ValueError(f"arch {cfg.arch!r} needs k (active latents per token), e.g. k=32")
+        if int(cfg.k) != cfg.k or cfg.k < 1:
+            raise ValueError(f"k must be a positive integer, got {cfg.k!r}")
+        if cfg.k > cfg.d_sae:
+            raise ValueError(f"k={cfg.k} is larger than d_sae={cfg.d_sae}; choose k <= d_sae")
+    if cfg.arch == "matryoshka" and cfg.matryoshka_widths is not None:
+        w = list(cfg.matryoshka_widths)
+        if not w or any(b <= a for a, b in zip(w, w[1:])) or w[0] < 1 or w[-1] > cfg.d_sae:
+            raise ValueError(f"matryoshka_widths must be strictly increasing in [1, d_sae={cfg.d_sae}], got {w}")
+
+
+def check_d_in(sae: SAE, x: torch.Tensor, what: str = "activations") -> None:
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"{what} have shape {tuple(x.shape)} (d={x.shape[-1]}) but the SAE expects "
+                         f"d_in={sae.cfg.d_in} (W_enc {tuple(sae.W_enc.shape)})")
+
+
+def cfg_json(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "cfg.json").read_text())
+
+
+Registry = dict[str, Callable[..., SAE]]

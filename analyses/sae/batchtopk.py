@@ -1,0 +1,64 @@
+"""BatchTopK SAE (Bussmann et al. 2024): keep the top B*k activations across the whole (global) batch;
+an EMA of the smallest kept activation becomes a global JumpReLU threshold used at inference. Saved in
+SAELens format as ``jumprelu`` with that threshold broadcast to every latent."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SparseActs, TrainStepInput
+from .topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    arch = "batchtopk"
+    saelens_arch = "jumprelu"
+    sparse_codes = False
+
+    def __init__(self, cfg, *, init: bool = True):
+        super().__init__(cfg, init=init)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=self.W_enc.device))
+
+    def thresholds(self) -> torch.Tensor:
+        """Per-latent JumpReLU threshold (the global one broadcast)."""
+        return self.threshold.to(self.dtype).expand(self.cfg.d_sae)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold.to(pre.dtype))
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseActs:
+        f = self.encode(x.reshape(-1, self.cfg.d_in))
+        return SparseActs.from_mask(f, f != 0)
+
+    @torch.no_grad()
+    def batch_threshold(self, pre: torch.Tensor, inp: TrainStepInput) -> torch.Tensor:
+        """The (k * global batch)-th largest ReLU'd pre-activation over the global batch."""
+        kk = int(self.cfg.k * inp.n_global)
+        flat = pre.relu().flatten()
+        local = flat.topk(min(kk, flat.numel()), sorted=False).values
+        allv = inp.dist.all_gather_cat(local)
+        return allv.topk(min(kk, allv.numel()), sorted=False).values.min()
+
+    def _select(self, pre: torch.Tensor, inp: TrainStepInput) -> SparseActs:
+        tau = self.batch_threshold(pre, inp)
+        mask = (pre >= tau) & (pre > 0)
+        self._tau = tau
+        acts = SparseActs.from_mask(pre, mask)
+        acts.values = torch.empty(0, device=pre.device)
+        return acts
+
+    @torch.no_grad()
+    def _post_select(self, acts: SparseActs, inp: TrainStepInput) -> None:
+        tau = self._tau.double()
+        if tau > 0:
+            r = self.cfg.threshold_ema
+            if self.threshold > 0:
+                self.threshold.mul_(1 - r).add_(r * tau)
+            else:
+                self.threshold.fill_(tau)
+
+    @torch.no_grad()
+    def fold_scale(self, s: float) -> None:
+        super().fold_scale(s)
+        self.threshold.div_(s)

@@ -1,0 +1,386 @@
+"""On-disk formats: SAELens 6.x (native), EleutherAI sparsify, and a Neuronpedia upload bundle.
+
+Native = SAELens 6.x folder, written so ``sae_lens.SAE.load_from_disk(path)`` gives the same encode/decode:
+
+* ``cfg.json``: ``architecture`` (relu -> ``standard``, topk -> ``topk`` + ``k``, jumprelu / batchtopk /
+  matryoshka -> ``jumprelu``), ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``,
+  ``normalize_activations: "none"`` (our input scaling is folded into the weights), ``reshape_activations``
+  and ``metadata`` {``sae_lens_version`` (>= 6.0.0), ``model_name``, ``hook_name``, ``context_size``,
+  ``prepend_bos``, ``dataset_path``, ``workbench_arch`` (our class: batchtopk/matryoshka reload as
+  themselves), ``workbench`` {k, training options and stats}}.
+* ``sae_weights.safetensors``: ``W_enc`` [d_in, d_sae], ``b_enc``, ``W_dec`` [d_sae, d_in], ``b_dec``
+  (+ ``threshold`` [d_sae] for jumprelu; BatchTopK/Matryoshka: their global threshold broadcast).
+* ``sparsity.safetensors`` (after training): ``sparsity`` [d_sae] = log10(firing rate + 1e-10).
+
+cfg.json is written last (atomically), so a folder without it is never taken for a complete SAE.
+
+sparsify layout (export / import): ``<hook>/cfg.json`` {``num_latents``, ``k``, ``d_in``,
+``expansion_factor``, ``normalize_decoder``, ``multi_topk``, ``skip_connection``, ``transcode``} and
+``<hook>/sae.safetensors`` {``encoder.weight`` [n, d_in], ``encoder.bias`` [n], ``W_dec`` [n, d_in],
+``b_dec`` [d_in]}. sparsify encodes ``topk(relu(encoder(x - b_dec)))`` — our TopK exactly — so only TopK
+SAEs export there.
+
+Neuronpedia bundle (``export_sae(..., "neuronpedia")``): Neuronpedia ingests SAEs in SAELens format
+hosted as a Hugging Face model repo (``library_name: saelens``); its dashboard generator (SAEDashboard's
+Neuronpedia runner) loads the folder with SAELens and needs the model id, layer, hook and the sparsity
+(features with log10 density < -6 are skipped). We write: the SAELens folder (cfg.json with
+``metadata.neuronpedia_id`` set, weights, sparsity) + ``README.md`` (HF model card with
+``library_name: saelens`` front matter, how to load) + ``neuronpedia.json`` (modelId, layer, hookName,
+sourceSetName, neuronpediaId, architecture, dIn, dSae, k, training stats) — upload the folder to a HF repo
+and submit that repo / these fields through Neuronpedia's SAE upload form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import DTYPES, KNOWN_ARCHS, SAE, SAEConfig, dtype_name
+
+SAELENS_REQUIRED = ("architecture", "d_in", "d_sae", "dtype")
+SAELENS_READABLE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+FORMATS = ("saelens", "sparsify", "neuronpedia")
+MIN_SAELENS_VERSION = "6.0.0"
+
+
+def _sae_lens_version() -> str:
+    try:
+        from importlib.metadata import version
+        v = version("sae-lens")
+        return v if int(v.split(".")[0]) >= 6 else MIN_SAELENS_VERSION
+    except Exception:  # noqa: BLE001
+        return MIN_SAELENS_VERSION
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _registry() -> dict[str, type[SAE]]:
+    from . import ARCHS
+    return ARCHS
+
+
+# ----------------------------------------------------------------------------------- SAELens
+
+def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    t = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.saelens_arch == "jumprelu":
+        t["threshold"] = sae.thresholds()
+    return {k: v.detach().to("cpu", DTYPES.get(sae.cfg.dtype, torch.float32)).contiguous() for k, v in t.items()}
+
+
+def saelens_cfg(sae: SAE) -> dict[str, Any]:
+    c = sae.cfg
+    meta = dict(c.metadata)
+    meta.setdefault("model_name", None)
+    meta.setdefault("hook_name", None)
+    meta.setdefault("hook_head_index", None)
+    meta.setdefault("context_size", None)
+    meta.setdefault("prepend_bos", True)
+    meta.setdefault("dataset_path", None)
+    meta["sae_lens_version"] = _sae_lens_version()
+    meta["workbench_arch"] = sae.arch
+    wb = dict(meta.get("workbench") or {})
+    wb.update({"arch": sae.arch, "k": c.k, **c.training_options()})
+    if sae.arch == "matryoshka":
+        wb["matryoshka_widths"] = sae.widths()
+    meta["workbench"] = wb
+    cfg = {"architecture": sae.saelens_arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype,
+           "device": "cpu", "apply_b_dec_to_input": bool(c.apply_b_dec_to_input),
+           "normalize_activations": "none", "reshape_activations": "none", "metadata": meta}
+    if sae.saelens_arch == "topk":
+        cfg["k"] = int(c.k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def save_saelens(sae: SAE, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:
+    """Write ``sae`` as a SAELens 6.x folder (cfg.json last, atomically). Returns the folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg_file = path / "cfg.json"
+    if cfg_file.exists():
+        cfg_file.unlink()          # the folder is incomplete until the new cfg.json lands
+    save_file(saelens_tensors(sae), path / "sae_weights.safetensors")
+    sp = sparsity if sparsity is not None else sae.sparsity
+    if sp is not None:
+        save_file({"sparsity": sp.detach().float().cpu().contiguous()}, path / "sparsity.safetensors")
+    _atomic_json(cfg_file, saelens_cfg(sae))
+    return path
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], d_in: int, d_sae: int, path: Path) -> None:
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in want.items():
+        if name not in tensors:
+            raise ValueError(f"{path}: sae_weights.safetensors has no {name!r} (has {', '.join(sorted(tensors))})")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)} but cfg.json "
+                             f"(d_in={d_in}, d_sae={d_sae}) needs {shape}")
+
+
+def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
+    """Load a SAELens folder (ours, or written by SAELens itself, e.g. Gemma Scope style jumprelu)."""
+    path = Path(path)
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no cfg.json: not a SAELens SAE folder (expected cfg.json + "
+                                "sae_weights.safetensors)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if "hook_point" in raw and "hook_name" not in raw:   # pre-6 configs
+        raw["hook_name"] = raw["hook_point"]
+    if "architecture" not in raw and "d_in" in raw and "d_sae" in raw and "dtype" in raw:
+        raw["architecture"] = "topk" if raw.get("activation_fn") == "topk" or raw.get("activation_fn_str") == "topk" else "standard"
+        if raw["architecture"] == "topk" and "k" not in raw:
+            raw["k"] = (raw.get("activation_fn_kwargs") or {}).get("k")
+    missing = [k for k in SAELENS_REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"{cfg_file} is missing required key(s) {', '.join(missing)} "
+                         f"(a SAELens cfg.json needs {', '.join(SAELENS_REQUIRED)})")
+    arch_sl = raw["architecture"]
+    meta = dict(raw.get("metadata") or {})
+    for key in ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path", "hook_head_index"):
+        if key in raw and key not in meta:
+            meta[key] = raw[key]
+    wb = dict(meta.get("workbench") or {})
+    ours = meta.get("workbench_arch")
+    if arch_sl not in SAELENS_READABLE:
+        raise ValueError(f"{path}: unknown or unsupported SAE architecture {arch_sl!r}; known: "
+                         f"{', '.join(SAELENS_READABLE)} (SAELens names) = {', '.join(KNOWN_ARCHS)} (workbench)")
+    arch = SAELENS_READABLE[arch_sl]
+    if arch_sl == "jumprelu" and ours in ("batchtopk", "matryoshka"):
+        arch = ours
+    norm = raw.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise ValueError(f"{path}: normalize_activations={norm!r} is not supported; fold the normalisation "
+                         "into the weights first (SAELens: fold_activation_norm_scaling_factor)")
+    if raw.get("reshape_activations", "none") not in ("none", None):
+        raise ValueError(f"{path}: reshape_activations={raw['reshape_activations']!r} is not supported")
+    k = raw.get("k", wb.get("k"))
+    d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
+    want_dtype = dtype or raw["dtype"]
+    if want_dtype not in DTYPES:
+        raise ValueError(f"{path}: dtype {want_dtype!r} not supported; use one of {', '.join(DTYPES)}")
+    opts = {kk: v for kk, v in wb.items() if kk in {f for f in SAEConfig.__dataclass_fields__}
+            and kk not in ("arch", "d_in", "d_sae", "k", "dtype", "device", "metadata")}
+    cfg = SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=int(k) if k is not None else None,
+                    dtype=want_dtype, device=str(device),
+                    apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=meta, **opts)
+    if arch in ("topk", "batchtopk", "matryoshka") and cfg.k is None:
+        raise ValueError(f"{cfg_file}: a {arch} SAE needs 'k' (top-level for topk, metadata.workbench.k)")
+    weights = path / "sae_weights.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{path} has cfg.json but no sae_weights.safetensors")
+    tensors = load_file(weights)
+    _check_shapes(tensors, d_in, d_sae, path)
+    if arch_sl == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+        # fold decoder norms: scale-invariant selection becomes plain topk on unit-norm rows
+        n = tensors["W_dec"].norm(dim=1).clamp_min(1e-8)
+        tensors["W_dec"] = tensors["W_dec"] / n[:, None]
+        tensors["W_enc"] = tensors["W_enc"] * n[None, :]
+        tensors["b_enc"] = tensors["b_enc"] * n
+    sae = _registry()[arch](cfg, init=False)
+    dt = DTYPES[want_dtype]
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name].to(dt))
+        if arch == "jumprelu":
+            if "threshold" in tensors:
+                sae.set_thresholds(tensors["threshold"].float())
+            elif "log_threshold" in tensors:
+                sae.set_thresholds(tensors["log_threshold"].float().exp())
+            else:
+                raise ValueError(f"{path}: jumprelu SAE without 'threshold' tensor")
+        elif arch in ("batchtopk", "matryoshka"):
+            thr = tensors.get("threshold")
+            if thr is None:
+                raise ValueError(f"{path}: {arch} SAE without 'threshold' tensor")
+            sae.threshold.fill_(float(thr.double().mean()))
+    sp = path / "sparsity.safetensors"
+    if sp.exists():
+        try:
+            sae.sparsity = load_file(sp).get("sparsity")
+        except Exception:  # noqa: BLE001
+            sae.sparsity = None
+    return sae.to(device)
+
+
+# ----------------------------------------------------------------------------------- sparsify
+
+def _find_sparsify(path: Path, hook: str | None) -> Path:
+    if (path / "sae.safetensors").exists():
+        return path
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "sae.safetensors").exists()) \
+        if path.is_dir() else []
+    if hook is not None:
+        if (path / hook / "sae.safetensors").exists():
+            return path / hook
+        raise FileNotFoundError(f"{path} has no sparsify SAE for hook {hook!r}; it has: "
+                                f"{', '.join(p.name for p in subs) or 'none'}")
+    if len(subs) == 1:
+        return subs[0]
+    if not subs:
+        raise FileNotFoundError(f"{path} is not a sparsify SAE folder (expected <hook>/cfg.json + "
+                                "<hook>/sae.safetensors)")
+    raise ValueError(f"{path} holds several sparsify SAEs ({', '.join(p.name for p in subs)}); pass hook=")
+
+
+def load_sparsify(path: str | Path, hook: str | None = None, device: str | torch.device = "cpu") -> SAE:
+    """Import a sparsify SAE (a ``<hook>/`` folder, or its parent with one or more hooks)."""
+    from .topk import TopKSAE
+    folder = _find_sparsify(Path(path), hook)
+    cfg_file = folder / "cfg.json"
+    raw = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    t = load_file(folder / "sae.safetensors")
+    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        if name not in t:
+            raise ValueError(f"{folder}/sae.safetensors has no {name!r} (has {', '.join(sorted(t))})")
+    if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in t:
+        raise ValueError(f"{folder}: sparsify transcoders / skip connections are not supported")
+    n, d_in = t["encoder.weight"].shape
+    if "d_in" in raw and int(raw["d_in"]) != d_in:
+        raise ValueError(f"{folder}: cfg.json d_in={raw['d_in']} but encoder.weight has shape {(n, d_in)}")
+    if tuple(t["W_dec"].shape) != (n, d_in):
+        raise ValueError(f"{folder}: W_dec has shape {tuple(t['W_dec'].shape)}, expected {(n, d_in)} "
+                         "(sparsify stores W_dec as [num_latents, d_in])")
+    k = int(raw.get("k", 32))
+    if k > n:
+        raise ValueError(f"{folder}: k={k} is larger than num_latents={n}")
+    cfg = SAEConfig(arch="topk", d_in=int(d_in), d_sae=int(n), k=k, device=str(device),
+                    metadata={"hook_name": folder.name, "imported_from": "sparsify", "sparsify_cfg": raw})
+    sae = TopKSAE(cfg, init=False)
+    with torch.no_grad():
+        sae.W_enc.copy_(t["encoder.weight"].float().t())
+        sae.b_enc.copy_(t["encoder.bias"].float())
+        sae.W_dec.copy_(t["W_dec"].float())
+        sae.b_dec.copy_(t["b_dec"].float())
+    return sae.to(device)
+
+
+def save_sparsify(sae: SAE, out: str | Path, hook: str | None = None) -> Path:
+    """Write ``out/<hook>/cfg.json`` + ``sae.safetensors``. Only TopK SAEs (what sparsify computes)."""
+    if sae.arch != "topk":
+        raise ValueError(f"sparsify only runs TopK SAEs; this is a {sae.arch!r} SAE — export it as saelens")
+    hook = hook or sae.cfg.metadata.get("hook_name") or "sae"
+    folder = Path(out) / hook
+    folder.mkdir(parents=True, exist_ok=True)
+    c = sae.cfg
+    save_file({"encoder.weight": sae.W_enc.detach().float().t().contiguous().cpu(),
+               "encoder.bias": sae.b_enc.detach().float().contiguous().cpu(),
+               "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
+               "b_dec": sae.b_dec.detach().float().contiguous().cpu()}, folder / "sae.safetensors")
+    _atomic_json(folder / "cfg.json", {
+        "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True, "num_latents": c.d_sae,
+        "k": int(c.k), "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": c.d_in})
+    return folder
+
+
+# ----------------------------------------------------------------------------------- generic
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+             hook: str | None = None) -> SAE:
+    """Load a SAELens folder or a sparsify folder (detected from the files present)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no SAE at {path}")
+    if (path / "cfg.json").exists() and not (path / "sae.safetensors").exists():
+        return load_saelens(path, device=device, dtype=dtype)
+    if (path / "sae.safetensors").exists() or (path.is_dir() and any(
+            (p / "sae.safetensors").exists() for p in path.iterdir() if p.is_dir())):
+        return load_sparsify(path, hook=hook, device=device)
+    raise FileNotFoundError(f"{path} is not an SAE folder: expected SAELens cfg.json + "
+                            "sae_weights.safetensors, or sparsify <hook>/cfg.json + <hook>/sae.safetensors")
+
+
+def _layer_of(hook: str | None) -> int:
+    m = re.search(r"(?:blocks|layers)\.(\d+)", hook or "")
+    return int(m.group(1)) if m else 0
+
+
+def export_neuronpedia(sae: SAE, out: str | Path) -> Path:
+    out = Path(out)
+    meta = sae.cfg.metadata
+    model = meta.get("model_name") or "unknown-model"
+    hook = meta.get("hook_name") or "unknown-hook"
+    layer = _layer_of(hook)
+    set_name = f"workbench-{sae.arch}-{sae.cfg.d_sae}"
+    np_id = f"{model}/{layer}-{set_name}"
+    sae.cfg.metadata = {**meta, "neuronpedia_id": np_id}
+    try:
+        save_saelens(sae, out)
+    finally:
+        sae.cfg.metadata = meta
+    wb = (sae.cfg.metadata.get("workbench") or {})
+    info = {"modelId": model, "layer": layer, "hookName": hook, "sourceSetName": set_name,
+            "neuronpediaId": np_id, "format": "saelens", "saelensVersion": _sae_lens_version(),
+            "architecture": sae.saelens_arch, "workbenchArch": sae.arch, "dIn": sae.cfg.d_in,
+            "dSae": sae.cfg.d_sae, "k": sae.cfg.k, "datasetPath": meta.get("dataset_path"),
+            "contextSize": meta.get("context_size"), "prependBos": meta.get("prepend_bos"),
+            "hasSparsity": (out / "sparsity.safetensors").exists(),
+            "trainingStats": {k: v for k, v in wb.items() if k in ("n_tokens", "fvu", "l0", "dead_fraction")}}
+    _atomic_json(out / "neuronpedia.json", info)
+    readme = f"""---
+library_name: saelens
+tags:
+- sparse-autoencoder
+- saelens
+- workbench
+---
+# {sae.arch} SAE on `{model}` / `{hook}`
+
+SAELens 6.x format (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`), trained with workbench.
+d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, architecture `{sae.saelens_arch}` (trained as `{sae.arch}`).
+
+```python
+from sae_lens import SAE
+sae = SAE.load_from_disk("path/to/this/folder", device="cpu")
+```
+
+Neuronpedia: upload this folder to a Hugging Face model repo, then submit it with the fields of
+`neuronpedia.json` (model `{model}`, layer {layer}, hook `{hook}`, set `{set_name}`).
+"""
+    (out / "README.md").write_text(readme)
+    return out
+
+
+def export_sae(sae: SAE | str | Path, format: str, out: str | Path, *, overwrite: bool = False,
+               hook: str | None = None) -> Path:
+    """Export an SAE (object or folder) as ``saelens`` | ``sparsify`` | ``neuronpedia``."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    if not isinstance(sae, SAE):
+        sae = load_sae(sae)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) or choose another --out")
+        shutil.rmtree(out)
+    if format == "saelens":
+        return save_saelens(sae, out)
+    if format == "sparsify":
+        save_sparsify(sae, out, hook=hook)
+        return out
+    return export_neuronpedia(sae, out)

@@ -1,0 +1,196 @@
+"""Benchmark: `workbench.collect` throughput (including disk writes) against two baselines run in
+the same process on the same token batches:
+
+  (a) the model's own forward (plain Hugging Face, layers truncated after the deepest hooked
+      layer), no hooks, no writes — the compute floor;
+  (b) TransformerLens `run_with_cache` on the full model (every hook cached, as a naive script
+      does), then selecting the hooks' non-padding rows and moving them to the CPU (no writes).
+
+Also prints the peak resident memory (RSS, sampled every 20 ms) of collect at two max_tokens
+values, which must not grow with max_tokens (rows stream to shards).
+
+    .venv/bin/python benchmarks/bench_collect.py [--tokens 20480] [--device auto]
+
+Target: collect >= 0.85x of (a) and faster than (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from workbench.collect import _excluded_ids, collect  # noqa: E402
+from workbench.corpus import iter_documents, pack  # noqa: E402
+from workbench.models import load_model  # noqa: E402
+
+
+class RSSPeak:
+    """Peak resident set size of this process while the block runs (sampled)."""
+
+    def __init__(self, every: float = 0.02):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.now()
+        self.peak = self.start
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.now())
+
+
+def make_batches(model, n_tokens, seq_len, batch_size):
+    """The same windows collect uses, as padded batches, cut after n_tokens rows."""
+    _, excluded = _excluded_ids("exclude", dict(model.special_ids))
+    excl = torch.tensor(excluded, dtype=torch.long)
+    pad = model.special_ids.get("pad") or 0
+    batches, rows, cur = [], 0, []
+    for w in pack(iter_documents("builtin"), model.tokenizer, seq_len):
+        cur.append(w)
+        if len(cur) == batch_size:
+            L = max(len(x.ids) for x in cur)
+            ids = torch.full((len(cur), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(cur), L), dtype=torch.long)
+            for i, x in enumerate(cur):
+                ids[i, :len(x.ids)] = torch.tensor(x.ids)
+                mask[i, :len(x.ids)] = 1
+            keep = mask.bool() & ~torch.isin(ids, excl)
+            batches.append((ids, mask, keep))
+            rows += int(keep.sum())
+            cur = []
+            if rows >= n_tokens:
+                break
+    return batches, rows
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=20_480, help="rows to collect (>= 20k for the report)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--hooks", nargs="+", default=["blocks.6.hook_resid_post", "blocks.15.hook_resid_post"])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--shard-mb", type=float, default=8,
+                    help="shard size of collect (small, so that both RSS runs span several shards)")
+    ap.add_argument("--skip-b", action="store_true", help="skip the TransformerLens baseline")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, device=args.device)
+    dev = torch.device(model.device)
+    hooks = model.resolve_hooks(args.hooks)
+    deepest = max(model.layer_of(h) for h in hooks)
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"device: {dev} ({where}); model {args.model}; hooks {hooks}; "
+          f"seq_len {args.seq_len}, batch {args.batch_size}", flush=True)
+
+    batches, n_rows = make_batches(model, args.tokens, args.seq_len, args.batch_size)
+    print(f"{len(batches)} batches, {n_rows} rows", flush=True)
+
+    # ---------------------------------------------------------- (a) plain HF forward, truncated
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model.source, torch_dtype=model.dtype).to(dev).eval()
+    base = hf.model
+    base.layers = base.layers[:deepest + 1]
+    hf.config.num_hidden_layers = deepest + 1
+    with torch.inference_mode():     # warm-up
+        ids, mask, _ = batches[0]
+        base(input_ids=ids[:2].to(dev), attention_mask=mask[:2].to(dev))
+    sync(dev)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for ids, mask, _ in batches:
+            base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+    sync(dev)
+    t_a = time.perf_counter() - t
+    del hf, base
+    gc.collect()
+    print(f"(a) HF forward to layer {deepest}, no hooks/writes: {n_rows / t_a:9.1f} tok/s ({t_a:.1f}s)", flush=True)
+
+    # ---------------------------------------------------------- (b) TL run_with_cache, full model
+    t_b = None
+    if not args.skip_b:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for ids, mask, keep in batches:
+                _, cache = model.bridge.run_with_cache(ids.to(dev), attention_mask=mask.to(dev))
+                kd = keep.to(dev)
+                got = [cache[h][kd].to("cpu") for h in hooks]
+                del cache, got
+        sync(dev)
+        t_b = time.perf_counter() - t
+        gc.collect()
+        print(f"(b) TL run_with_cache full model + select:   {n_rows / t_b:9.1f} tok/s ({t_b:.1f}s)", flush=True)
+
+    # ---------------------------------------------------------- collect, two sizes (RSS)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
+    results = {}
+    try:
+        for n in (n_rows // 2, n_rows):
+            out = tmp / f"s{n}"
+            with RSSPeak() as rss:
+                t = time.perf_counter()
+                store = collect(model, hooks, corpus="builtin", out=out, max_tokens=n,
+                                seq_len=args.seq_len, batch_size=args.batch_size,
+                                progress=False, shard_mb=args.shard_mb)
+                sync(dev)
+                dt = time.perf_counter() - t
+            results[n] = (dt, rss.start, rss.peak, len(store.shard_files()),
+                          sum(p.stat().st_size for p in store.shard_files()))
+            print(f"collect max_tokens={n}: {n / dt:9.1f} tok/s ({dt:.1f}s), {results[n][3]} shards, "
+                  f"{results[n][4] / 2**20:.0f} MiB on disk, RSS before {rss.start / 2**20:.0f} MiB, "
+                  f"peak {rss.peak / 2**20:.0f} MiB (+{(rss.peak - rss.start) / 2**20:.0f})", flush=True)
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    dt = results[n_rows][0]
+    speed = n_rows / dt
+    print("\n== summary ==")
+    print(f"device: {dev} ({where})")
+    print(f"collect (incl. tokenising + disk writes): {speed:.1f} tok/s")
+    print(f"ratio collect / (a) plain forward:        {speed / (n_rows / t_a):.3f}  (target >= 0.85)")
+    if t_b is not None:
+        print(f"ratio collect / (b) TL run_with_cache:    {speed / (n_rows / t_b):.3f}  (target > 1)")
+    (h1, r1), (h2, r2) = [(n, results[n]) for n in sorted(results)]
+    print(f"peak RSS: max_tokens={h1}: {r1[2] / 2**20:.0f} MiB; max_tokens={h2}: {r2[2] / 2**20:.0f} MiB "
+          f"(growth {(r2[2] - r1[2]) / 2**20:+.0f} MiB while the store grew "
+          f"{(r2[4] - r1[4]) / 2**20:+.0f} MiB)")
+    print(f"process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

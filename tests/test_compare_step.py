@@ -1,0 +1,167 @@
+"""Step `compare` on synthetic stores: same-store matrices, same-token alignment across stores,
+document pooling for different tokenisers, refusals, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analyses import similarity as S
+from workbench.errors import WorkbenchError
+from workbench.results import read_result, read_tensors
+from workbench.steps import run_step
+from workbench.steps.compare import compare_matrix
+from workbench.store import write_store
+
+N_SEQ, SEQ_LEN, D = 24, 12, 10
+H = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+
+
+def _layout(drop_first=False):
+    seq = torch.arange(N_SEQ).repeat_interleave(SEQ_LEN)
+    pos = torch.arange(SEQ_LEN).repeat(N_SEQ)
+    if drop_first:                       # e.g. a collector that does not keep BOS rows
+        keep = pos != 0
+        seq, pos = seq[keep], pos[keep]
+    return seq, pos
+
+
+def _make(path, tokens, acts, seq, pos, corpus="builtin", docs=None):
+    return write_store(path, acts, token_ids=tokens, attention_mask=torch.ones(N_SEQ, SEQ_LEN, dtype=torch.bool),
+                       doc_ids=torch.arange(N_SEQ) // 3 if docs is None else docs, seq_index=seq, position=pos,
+                       model_name="synthetic-test", corpus=corpus, shard_rows=70)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cmp")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (N_SEQ, SEQ_LEN), generator=g)
+    seq, pos = _layout()
+    n = seq.numel()
+    # a per-token "truth" so that stores on the same tokens carry related activations
+    latent = torch.randn(N_SEQ, SEQ_LEN, 4, generator=g)
+    lat = latent[seq, pos]
+    Q = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+    a0 = lat @ torch.randn(4, D, generator=g) + 0.3 * torch.randn(n, D, generator=g)
+    acts_a = {H[0]: a0, H[1]: a0 @ Q * 2 + 1, H[2]: torch.randn(n, D + 3, generator=g)}
+    A = _make(tmp / "a", tokens, acts_a, seq, pos)
+    # B: same tokens, no position-0 rows, different activations that depend on the same latent
+    seq_b, pos_b = _layout(drop_first=True)
+    lat_b = latent[seq_b, pos_b]
+    nb = seq_b.numel()
+    acts_b = {"x": lat_b @ torch.randn(4, 7, generator=g) + 0.5 * torch.randn(nb, 7, generator=g),
+              "y": torch.randn(nb, 6, generator=g)}
+    B = _make(tmp / "b", tokens, acts_b, seq_b, pos_b)
+    # C: another tokeniser on the same corpus -> different token ids, same documents
+    tokens_c = torch.randint(100, 200, (N_SEQ, SEQ_LEN), generator=g)
+    acts_c = {"z": torch.randn(n, 5, generator=g)}
+    C = _make(tmp / "c", tokens_c, acts_c, seq, pos)
+    # E: different tokens AND a different corpus -> cannot be aligned
+    E = _make(tmp / "e", tokens_c, acts_c, seq, pos, corpus="other.txt")
+    return {"tmp": tmp, "A": A, "B": B, "C": C, "E": E, "acts_a": acts_a, "acts_b": acts_b, "acts_c": acts_c,
+            "seq": seq, "pos": pos, "seq_b": seq_b, "pos_b": pos_b}
+
+
+def test_one_store_matrix(stores):
+    out = stores["tmp"] / "r1"
+    res = run_step("compare", {"store_a": str(stores["A"].path), "metric": "linear_cka", "out": str(out),
+                               "precision": "float64"})
+    meta = read_result(out, "compare")
+    M = read_tensors(out)["matrix"].numpy()
+    assert meta["labels_a"] == H and meta["labels_b"] == H and meta["align"] == "position"
+    assert meta["n_rows"] == N_SEQ * SEQ_LEN and (out / "heatmap.html").exists()
+    acts = stores["acts_a"]
+    ref = np.array([[S.linear_cka(acts[a], acts[b]) for b in H] for a in H])
+    np.testing.assert_allclose(M, ref, atol=1e-9)
+    np.testing.assert_allclose(np.diag(M), 1.0, atol=1e-12)
+    assert M[0, 1] == pytest.approx(1.0, abs=1e-9)          # rotation + scaling + shift
+    np.testing.assert_allclose(M, M.T)
+    assert np.array(meta["matrix"]) == pytest.approx(M)
+    assert res.artifacts["heatmap"].endswith("heatmap.html")
+    # hooks selection with a glob, and max_rows subsampling
+    r = compare_matrix(stores["A"].path, hooks_a=["blocks.[01].*"], metric="procrustes", max_rows=100)
+    assert r["hooks_a"] == H[:2] and r["n_rows"] == 100 and r["matrix"][0, 1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_same_tokens_aligned_by_position(stores):
+    A, B = stores["A"], stores["B"]
+    r = compare_matrix(A.path, B.path, hooks_a=[H[0], H[2]], metric="linear_cka", precision="float64")
+    assert r["align"] == "position" and r["n_rows"] == N_SEQ * (SEQ_LEN - 1)
+    assert r["labels_b"] == ["x", "y"] and r["matrix"].shape == (2, 2)
+    # independent alignment: B's row for (s, p) is A's row s * SEQ_LEN + p
+    rows_a = stores["seq_b"] * SEQ_LEN + stores["pos_b"]
+    for i, ha in enumerate([H[0], H[2]]):
+        for j, hb in enumerate(["x", "y"]):
+            ref = S.linear_cka(stores["acts_a"][ha][rows_a], stores["acts_b"][hb])
+            assert r["matrix"][i, j] == pytest.approx(ref, abs=1e-9)
+    assert r["matrix"][0, 0] > 0.3 > r["matrix"][1, 1]        # shared latent vs noise
+    # a misaligned comparison would be near zero: make sure alignment matters
+    assert S.linear_cka(stores["acts_a"][H[0]][: rows_a.numel()], stores["acts_b"]["x"]) < r["matrix"][0, 0] - 0.2
+    # the step records the alignment
+    out = stores["tmp"] / "r2"
+    run_step("compare", {"store_a": str(A.path), "store_b": str(B.path), "hooks_a": [H[0]],
+                         "metric": "svcca", "out": str(out)})
+    assert read_result(out, "compare")["align"] == "position"
+
+
+def test_different_tokenisers_pool_documents(stores):
+    A, C = stores["A"], stores["C"]
+    r = compare_matrix(A.path, C.path, hooks_a=[H[0]], metric="linear_cka", precision="float64")
+    assert r["align"] == "document"
+    docs = torch.arange(N_SEQ) // 3
+    doc_of_row = docs[stores["seq"]]
+    n_docs = int(docs.max()) + 1
+    assert r["n_rows"] == n_docs
+
+    def pooled(x):
+        return torch.stack([x[doc_of_row == d].double().mean(0) for d in range(n_docs)])
+    ref = S.linear_cka(pooled(stores["acts_a"][H[0]]), pooled(stores["acts_c"]["z"]))
+    assert r["matrix"][0, 0] == pytest.approx(ref, abs=1e-9)
+    # explicit document alignment on the same tokens also works (pooled)
+    r2 = compare_matrix(A.path, stores["B"].path, hooks_a=[H[0]], hooks_b=["x"], align="document",
+                        metric="linear_cka")
+    assert r2["align"] == "document" and r2["n_rows"] == n_docs
+
+
+def test_refusals(stores):
+    A, C, E = stores["A"], stores["C"], stores["E"]
+    with pytest.raises(WorkbenchError, match="by position: token_ids differ"):
+        compare_matrix(A.path, C.path, align="position")
+    with pytest.raises(WorkbenchError, match="not the same tokens.*different corpora"):
+        compare_matrix(A.path, E.path)
+    with pytest.raises(WorkbenchError, match="by document: the stores come from different corpora"):
+        compare_matrix(A.path, E.path, align="document")
+    with pytest.raises(WorkbenchError, match="blocks.0.hook_resid_post"):
+        compare_matrix(A.path, hooks_a=["blocks.0.hook_resid_pst"])
+    with pytest.raises(WorkbenchError, match="more rows than neurons"):
+        compare_matrix(A.path, metric="pwcca", max_rows=8)
+    with pytest.raises(WorkbenchError, match="--k 50"):
+        compare_matrix(A.path, metric="mutual_knn", k=50, max_rows=40)
+    out = stores["tmp"] / "r3"
+    run_step("compare", {"store_a": str(A.path), "hooks_a": [H[0]], "out": str(out)})
+    with pytest.raises(FileExistsError):
+        run_step("compare", {"store_a": str(A.path), "hooks_a": [H[0]], "out": str(out)})
+    with pytest.raises(WorkbenchError, match="no option"):
+        run_step("compare", {"store_a": str(A.path), "metrc": "cka", "out": str(out)})
+
+
+@pytest.mark.parametrize("metric", ["debiased_cka", "rbf_cka", "pwcca", "mutual_knn"])
+def test_other_metrics_match_functions(stores, metric):
+    acts = stores["acts_a"]
+    r = compare_matrix(stores["A"].path, hooks_a=H[:2], metric=metric, precision="float64", k=5)
+    f = {"debiased_cka": lambda a, b: S.linear_cka(a, b, True), "rbf_cka": S.rbf_cka,
+         "pwcca": S.pwcca, "mutual_knn": lambda a, b: S.mutual_knn(a, b, 5)}[metric]
+    ref = np.array([[f(acts[a], acts[b]) for b in H[:2]] for a in H[:2]])
+    np.testing.assert_allclose(r["matrix"].numpy(), ref, atol=1e-8)
+
+
+def test_cli(stores, capsys):
+    from workbench.cli import main
+    out = stores["tmp"] / "r4"
+    rc = main(["compare", str(stores["A"].path), str(stores["B"].path), "--hooks-a", H[0], "--metric",
+               "procrustes", "--out", str(out), "--json"])
+    assert rc in (0, None)
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["align"] == "position" and payload["shape"] == [1, 2]

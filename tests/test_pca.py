@@ -1,0 +1,227 @@
+"""analyses.pca.PCA against scikit-learn, streaming == in memory, precision, errors, disk; step `pca`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA as SKPCA
+
+from analyses.pca import PCA
+
+
+def lowrank(n=3000, d=40, r=8, noise=0.3, offset=0.0, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(6, 2, r)
+    X = (rng.standard_normal((n, r)) * scales) @ np.linalg.qr(rng.standard_normal((d, r)))[0].T
+    X = X + noise * rng.standard_normal((n, d)) + rng.standard_normal(d) * 3 + offset
+    return X.astype(dtype)
+
+
+def proj(V):
+    V = np.asarray(V, dtype=np.float64)
+    return V.T @ np.linalg.solve(V @ V.T, V)
+
+
+def check_against(p, s, k, rel=1e-6, comp=1e-4):
+    ev = p.explained_variance_.numpy()
+    np.testing.assert_allclose(ev, s.explained_variance_[:k], rtol=rel)
+    np.testing.assert_allclose(p.explained_variance_ratio_.numpy(), s.explained_variance_ratio_[:k], rtol=rel)
+    np.testing.assert_allclose(p.singular_values_.numpy(), s.singular_values_[:k], rtol=rel)
+    np.testing.assert_allclose(p.mean_.numpy(), s.mean_, rtol=1e-10, atol=1e-10)
+    # the same subspace AND the same signs, entry by entry
+    np.testing.assert_allclose(proj(p.components_.numpy()), proj(s.components_[:k]), atol=comp)
+    np.testing.assert_allclose(p.components_.numpy(), s.components_[:k], atol=comp)
+
+
+@pytest.mark.parametrize("solver", ["full", "covariance_eigh"])
+def test_exact_matches_sklearn(solver):
+    X = lowrank()
+    k = 12
+    p = PCA(k).fit(X)
+    s = SKPCA(k, svd_solver=solver).fit(X)
+    check_against(p, s, k)
+    assert p.n_samples_ == 3000 and p.n_features_in_ == 40
+    assert p.noise_variance_ == pytest.approx(s.noise_variance_, rel=1e-6)
+    np.testing.assert_allclose(p.transform(X), s.transform(X), atol=1e-8)
+    Z = s.transform(X)
+    np.testing.assert_allclose(p.inverse_transform(Z), s.inverse_transform(Z), atol=1e-8)
+
+
+def test_whiten_matches_sklearn():
+    X = lowrank(seed=3)
+    p = PCA(5, whiten=True).fit(X)
+    s = SKPCA(5, whiten=True, svd_solver="full").fit(X)
+    np.testing.assert_allclose(p.transform(X), s.transform(X), atol=1e-8)
+    Z = p.transform(X)
+    np.testing.assert_allclose(p.inverse_transform(Z), s.inverse_transform(Z), atol=1e-7)
+    assert np.allclose(Z.var(axis=0, ddof=1), 1.0, atol=1e-8)
+
+
+def test_randomized_matches_sklearn_exact_on_gapped_data():
+    X = lowrank(n=1500, d=150, r=8, noise=0.05, seed=1)
+    k = 8
+    p = PCA(k, method="randomized").fit(X)
+    s = SKPCA(k, svd_solver="full").fit(X)
+    check_against(p, s, k, rel=1e-6, comp=1e-4)
+
+
+def test_randomized_streaming_uses_covariance():
+    X = lowrank(n=2000, d=60, r=6, noise=0.05, seed=2)
+    p = PCA(6, method="randomized").fit(iter(np.array_split(X, 7)))
+    s = SKPCA(6, svd_solver="full").fit(X)
+    check_against(p, s, 6)
+
+
+def test_n_less_than_d():
+    X = lowrank(n=30, d=80, r=5, seed=4)
+    p = PCA(20).fit(X)
+    s = SKPCA(20, svd_solver="full").fit(X)
+    check_against(p, s, 20, rel=1e-6, comp=1e-4)
+
+
+def test_streaming_equals_in_memory():
+    X = lowrank(n=5000, d=32, seed=5).astype(np.float32)
+    full = PCA(10).fit(X)
+    for batches in ([torch.from_numpy(b) for b in np.array_split(X, 13)],       # list of tensors
+                    (b for b in np.array_split(X, 3)),                           # generator of arrays
+                    lambda: iter(torch.from_numpy(X).split(999))):               # factory
+        st = PCA(10).fit(batches)
+        assert st.n_samples_ == 5000
+        np.testing.assert_allclose(st.explained_variance_.numpy(), full.explained_variance_.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(st.components_.numpy(), full.components_.numpy(), atol=1e-9)
+        np.testing.assert_allclose(st.mean_.numpy(), full.mean_.numpy(), rtol=1e-12)
+
+
+def test_large_mean_loses_no_precision():
+    X = lowrank(n=4000, d=30, seed=6)
+    ref = SKPCA(10, svd_solver="full").fit(X)               # centred SVD: the precise answer
+    for Xs in (X + 1e4, X + 1e6):
+        p = PCA(10).fit(Xs)
+        np.testing.assert_allclose(p.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-9)
+        np.testing.assert_allclose(p.components_.numpy(), ref.components_, atol=1e-7)
+        # and streaming the offset data in small batches
+        st = PCA(10).fit(np.array_split(Xs, 17))
+        np.testing.assert_allclose(st.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-9)
+
+
+def test_large_mean_float32():
+    X32 = (lowrank(n=4000, d=30, seed=7) + 1e4).astype(np.float32)
+    ref = SKPCA(10, svd_solver="full").fit(X32.astype(np.float64))   # exact maths on the same values
+    p = PCA(10).fit(torch.from_numpy(X32))
+    np.testing.assert_allclose(p.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-8)
+    np.testing.assert_allclose(p.components_.numpy(), ref.components_, atol=1e-6)
+
+
+def test_types_and_sign_rule():
+    X = lowrank(n=500, d=10, seed=8)
+    p = PCA(4).fit(torch.from_numpy(X))
+    assert isinstance(p.transform(torch.from_numpy(X)), torch.Tensor)
+    assert isinstance(p.transform(X), np.ndarray)
+    assert isinstance(p.fit_transform(X), np.ndarray)
+    V = p.components_
+    assert bool((V.gather(1, V.abs().argmax(1, keepdim=True)) > 0).all())
+    Vs = p.components_ @ p.components_.T
+    assert torch.allclose(Vs, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_errors():
+    X = lowrank(n=50, d=10)
+    with pytest.raises(ValueError, match=r"n_components=11.*min\(50, 10\)"):
+        PCA(11).fit(X)
+    with pytest.raises(ValueError, match=r"min\(5, 10\)"):
+        PCA(6).fit(X[:5])
+    bad = X.copy()
+    bad[17, 3] = np.nan
+    with pytest.raises(ValueError, match="first bad row: 17"):
+        PCA(3).fit(bad)
+    bad2 = X.copy()
+    bad2[33, 0] = np.inf
+    with pytest.raises(ValueError, match="first bad row: 33"):
+        PCA(3).fit(np.array_split(bad2, 5))            # streaming names the global row
+    with pytest.raises(ValueError, match="first bad row: 33"):
+        PCA(3, method="randomized").fit(bad2)
+    with pytest.raises(ValueError, match="columns"):
+        PCA(3).fit([X[:20], X[20:, :5]])
+    with pytest.raises(ValueError, match="method"):
+        PCA(3, method="arpack")
+    with pytest.raises(ValueError, match="empty"):
+        PCA(3).fit(iter([]))
+    p = PCA(3).fit(X)
+    with pytest.raises(ValueError, match="fitted on 10"):
+        p.transform(X[:, :4])
+
+
+def test_save_load(tmp_path):
+    X = lowrank(n=600, d=12, seed=9)
+    p = PCA(5, whiten=True).fit(X)
+    p.save(tmp_path / "pca")
+    meta = json.loads((tmp_path / "pca" / "pca.json").read_text())
+    assert meta["n_samples_"] == 600 and meta["whiten"] is True
+    q = PCA.load(tmp_path / "pca")
+    np.testing.assert_allclose(q.transform(X), p.transform(X), atol=1e-12)
+    np.testing.assert_allclose(q.eigenvalues_.numpy(), p.eigenvalues_.numpy())
+    assert q.n_samples_ == 600 and q.n_features_in_ == 12
+    with pytest.raises(FileNotFoundError):
+        PCA.load(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------- step `pca`
+def _store(path, n_seq=24, seq_len=16, d=12, seed=0):
+    from workbench.store import write_store
+    g = torch.Generator().manual_seed(seed)
+    n = n_seq * seq_len
+    base = torch.randn(n, 3, generator=g) @ torch.randn(3, d, generator=g) * 3
+    acts = {"blocks.0.hook_resid_post": base + 0.1 * torch.randn(n, d, generator=g) + 5,
+            "blocks.1.hook_resid_post": torch.randn(n, d + 4, generator=g)}
+    return write_store(path, acts, token_ids=torch.randint(0, 50, (n_seq, seq_len), generator=g),
+                       attention_mask=torch.ones(n_seq, seq_len, dtype=torch.bool),
+                       doc_ids=torch.arange(n_seq) // 3,
+                       seq_index=torch.arange(n_seq).repeat_interleave(seq_len),
+                       position=torch.arange(seq_len).repeat(n_seq), model_name="synthetic-test",
+                       shard_rows=100), acts
+
+
+def test_pca_step(tmp_path):
+    from workbench.results import read_result, read_tensors
+    from workbench.steps import run_step
+    from workbench.steps.pca import load_pca_result
+
+    store, acts = _store(tmp_path / "store")
+    h = "blocks.0.hook_resid_post"
+    res = run_step("pca", {"store": str(store.path), "hook": h, "k": 4, "batch_size": 50,
+                           "out": str(tmp_path / "res"), "device": "cpu"})
+    meta = read_result(tmp_path / "res", "pca")
+    assert meta["n_samples"] == 384 and meta["d"] == 12 and meta["hook"] == h
+    assert meta["geometry"]["n_dirs_90"] <= 3
+    assert (tmp_path / "res" / "scree.html").exists() and (tmp_path / "res" / "projection.html").exists()
+    t = read_tensors(tmp_path / "res")
+    s = SKPCA(4, svd_solver="full").fit(acts[h].double().numpy())
+    np.testing.assert_allclose(t["explained_variance"].numpy(), s.explained_variance_, rtol=1e-6)
+    np.testing.assert_allclose(t["components"].numpy(), s.components_, atol=1e-4)
+    assert t["eigenvalues"].shape == (12,) and t["projection"].shape[1] == 2
+    loaded = load_pca_result(tmp_path / "res")["pca"]
+    np.testing.assert_allclose(loaded.transform(acts[h].double().numpy()), s.transform(acts[h].double().numpy()),
+                               atol=1e-4)
+    assert res.metrics["participation_ratio"] > 1
+    # refuses to clobber, errors are clear
+    with pytest.raises(FileExistsError):
+        run_step("pca", {"store": str(store.path), "hook": h, "k": 4, "out": str(tmp_path / "res")})
+    from workbench.errors import WorkbenchError
+    with pytest.raises(WorkbenchError, match=r"min\(n_rows, d\)"):
+        run_step("pca", {"store": str(store.path), "hook": h, "k": 13, "out": str(tmp_path / "r2")})
+    with pytest.raises(WorkbenchError, match="choose one with --hook"):
+        run_step("pca", {"store": str(store.path), "k": 2, "out": str(tmp_path / "r3")})
+    with pytest.raises(WorkbenchError, match="blocks.1.hook_resid_post"):
+        run_step("pca", {"store": str(store.path), "hook": "blocks.1.hook_resid_pst", "k": 2,
+                         "out": str(tmp_path / "r4")})
+
+
+def test_pca_cli(tmp_path, capsys):
+    from workbench.cli import main
+    store, _ = _store(tmp_path / "store", seed=1)
+    rc = main(["pca", str(store.path), "--hook", "blocks.1.hook_resid_post", "--k", "3",
+               "--method", "randomized", "--out", str(tmp_path / "res"), "--json"])
+    assert rc in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 3 and out["method"] == "randomized"

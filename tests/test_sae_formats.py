@@ -1,0 +1,217 @@
+"""SAE formats: SAELens round-trip for every architecture, sparsify round-trip, folders written by SAELens
+itself, neuronpedia bundle, metrics, and clear errors for bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analyses.sae import (ARCHS, SAEMetrics, evaluate_sae, export_sae, load_sae, load_sparsify, make_sae,
+                          save_saelens, train_sae)
+
+sae_lens = pytest.importorskip("sae_lens")
+
+
+def _random_sae(arch, d_in=12, d_sae=40, seed=0):
+    torch.manual_seed(seed)
+    kw = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {}
+    sae = make_sae(arch, d_in, d_sae, metadata={"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post"}, **kw)
+    with torch.no_grad():
+        sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+        sae.b_enc.normal_(0, 0.2)
+        sae.b_dec.normal_(0, 0.3)
+        if arch == "jumprelu":
+            sae.set_thresholds(torch.rand(d_sae) * 0.5 + 0.05)
+        if arch in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(0.37)
+    return sae
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_saelens_round_trip(arch, tmp_path):
+    sae = _random_sae(arch)
+    sae.save(tmp_path / "s", sparsity=torch.full((40,), -2.0))
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    want = {"relu": "standard", "topk": "topk"}.get(arch, "jumprelu")
+    assert cfg["architecture"] == want
+    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
+    assert cfg["metadata"]["sae_lens_version"] >= "6.0.0"
+    assert cfg["metadata"]["workbench_arch"] == arch
+    for key in ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path"):
+        assert key in cfg["metadata"]
+    if arch == "topk":
+        assert cfg["k"] == 4
+    assert set(load_file(tmp_path / "s" / "sparsity.safetensors")) == {"sparsity"}
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"), device="cpu")
+    x = torch.randn(64, 12)
+    with torch.no_grad():
+        f_ours, f_theirs = sae.encode(x), theirs.encode(x)
+        assert (f_ours != 0).sum() > 0
+        assert torch.allclose(f_ours, f_theirs, atol=1e-5)
+        assert torch.allclose(sae.decode(f_ours), theirs.decode(f_theirs), atol=1e-5)
+        assert torch.allclose(sae(x), theirs(x), atol=1e-5)
+    again = load_sae(tmp_path / "s")
+    assert type(again) is type(sae)
+    assert torch.allclose(again.encode(x), f_ours, atol=1e-6)
+    assert again.sparsity is not None
+
+
+def test_trained_batchtopk_saved_as_jumprelu_with_global_threshold(tmp_path):
+    X = torch.randn(4096, 12)
+    sae = train_sae(X, arch="batchtopk", d_sae=40, k=4, n_tokens=4096, batch_size=512, progress=False)
+    sae.save(tmp_path / "b")
+    t = load_file(tmp_path / "b" / "sae_weights.safetensors")
+    assert torch.allclose(t["threshold"], torch.full((40,), float(sae.threshold)))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "b"), device="cpu")
+    assert type(theirs).__name__ == "JumpReLUSAE"
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(X[:100]), sae.encode(X[:100]), atol=1e-5)
+    # the inference L0 of the global threshold is close to k
+    assert 1.5 < float((sae.encode(X) != 0).sum(1).float().mean()) < 8
+
+
+def test_load_folders_written_by_saelens_itself(tmp_path):
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+    torch.manual_seed(0)
+    x = torch.randn(50, 16)
+    made = {
+        # Gemma Scope style: jumprelu, b_dec NOT subtracted from the input
+        "gemma": JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=48, apply_b_dec_to_input=False)),
+        "standard": StandardSAE(StandardSAEConfig(d_in=16, d_sae=48)),
+        "topk": TopKSAE(TopKSAEConfig(d_in=16, d_sae=48, k=5)),
+    }
+    for name, s in made.items():
+        with torch.no_grad():
+            for p in s.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            if hasattr(s, "threshold"):
+                s.threshold.copy_(torch.rand(48) * 0.3)
+        s.save_model(tmp_path / name)
+        ours = load_sae(tmp_path / name)
+        with torch.no_grad():
+            assert torch.allclose(ours.encode(x), s.encode(x), atol=1e-5), name
+            assert torch.allclose(ours(x), s(x), atol=1e-5), name
+    assert load_sae(tmp_path / "gemma").cfg.apply_b_dec_to_input is False
+    assert load_sae(tmp_path / "topk").arch == "topk"
+
+
+def test_sparsify_round_trip_and_semantics(tmp_path):
+    sae = _random_sae("topk", d_in=12, d_sae=40)
+    export_sae(sae, "sparsify", tmp_path / "sp")
+    folder = tmp_path / "sp" / "blocks.1.hook_resid_post"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["num_latents"] == 40 and cfg["k"] == 4 and cfg["d_in"] == 12
+    t = load_file(folder / "sae.safetensors")
+    assert t["encoder.weight"].shape == (40, 12) and t["W_dec"].shape == (40, 12)
+    x = torch.randn(30, 12)
+    # what sparsify computes: topk(relu(encoder(x - b_dec))), decode = sum of W_dec rows + b_dec
+    pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
+    v, i = pre.topk(4, dim=1)
+    ref = torch.zeros(30, 40).scatter_(1, i, v)
+    assert torch.allclose(sae.encode(x), ref, atol=1e-5)
+    back = load_sparsify(tmp_path / "sp")
+    assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-6)
+    assert torch.allclose(load_sae(tmp_path / "sp")(x), sae(x), atol=1e-5)
+    with pytest.raises(ValueError, match="TopK"):
+        export_sae(_random_sae("jumprelu"), "sparsify", tmp_path / "nope")
+
+
+def test_neuronpedia_bundle(tmp_path):
+    sae = _random_sae("topk")
+    sae.sparsity = torch.full((40,), -3.0)
+    out = export_sae(sae, "neuronpedia", tmp_path / "np")
+    info = json.loads((out / "neuronpedia.json").read_text())
+    assert info["modelId"] == "tiny" and info["layer"] == 1 and info["hookName"] == "blocks.1.hook_resid_post"
+    assert "library_name: saelens" in (out / "README.md").read_text()
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["neuronpedia_id"] == info["neuronpediaId"]
+    assert (out / "sparsity.safetensors").exists()
+    sae_lens.SAE.load_from_disk(str(out), device="cpu")
+    with pytest.raises(FileExistsError):
+        export_sae(sae, "neuronpedia", tmp_path / "np")
+    with pytest.raises(ValueError, match="saelens, sparsify, neuronpedia"):
+        export_sae(sae, "onnx", tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def test_cfg_missing_required_keys_are_named(tmp_path):
+    sae = _random_sae("topk")
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["d_sae"], cfg["dtype"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"missing required key\(s\) d_sae, dtype"):
+        load_sae(tmp_path / "s")
+
+
+def test_unknown_architecture_lists_known(tmp_path):
+    sae = _random_sae("relu")
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    cfg["architecture"] = "gated"
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown or unsupported SAE architecture 'gated'.*standard, topk, jumprelu"):
+        load_sae(tmp_path / "s")
+    with pytest.raises(ValueError, match="known: relu, topk, batchtopk, jumprelu, matryoshka"):
+        train_sae(torch.randn(64, 4), arch="gatedd", progress=False)
+
+
+def test_k_larger_than_d_sae():
+    with pytest.raises(ValueError, match="k=50 is larger than d_sae=40"):
+        make_sae("topk", 12, 40, k=50)
+    with pytest.raises(ValueError, match="k=50 is larger than d_sae=40"):
+        train_sae(torch.randn(64, 12), arch="topk", d_sae=40, k=50, progress=False)
+    with pytest.raises(ValueError, match="needs k"):
+        make_sae("batchtopk", 12, 40)
+
+
+def test_d_in_mismatch_names_both_shapes(tmp_path):
+    sae = _random_sae("topk")
+    with pytest.raises(ValueError, match=r"\(100, 7\).*d_in=12.*\(12, 40\)"):
+        evaluate_sae(sae, torch.randn(100, 7))
+    sae.save(tmp_path / "s")
+    t = load_file(tmp_path / "s" / "sae_weights.safetensors")
+    t["W_enc"] = torch.randn(11, 40)
+    save_file(t, tmp_path / "s" / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match=r"W_enc has shape \(11, 40\).*needs \(12, 40\)"):
+        load_sae(tmp_path / "s")
+
+
+def test_not_an_sae_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not an SAE folder"):
+        load_sae(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+def test_metrics_definitions_and_streaming():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6) * torch.tensor([1, 2, 3, 1, 1, 1.0]) + 10.0    # large mean: centring matters
+    x_hat = x + 0.5 * torch.randn(500, 6)
+    f = (torch.rand(500, 20) < 0.2).float() * torch.rand(500, 20)
+    f[:, 0] = 0                                                              # dead latent
+    m = SAEMetrics(6, 20)
+    for a, b, c in zip(x.split(128), x_hat.split(128), f.split(128)):
+        m.update(a, b, c)
+    r = m.compute()
+    xd, xhd = x.double(), x_hat.double()
+    ev = 1 - (xd - xhd).pow(2).sum(1).mean() / xd.var(0, unbiased=False).sum()
+    assert r["explained_variance"] == pytest.approx(float(ev), rel=1e-9)
+    assert r["fvu"] == pytest.approx(1 - float(ev), rel=1e-9)
+    # the old around-zero formula would give almost 1 here; ours must not
+    assert r["explained_variance"] < 0.99
+    assert r["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()))
+    assert r["mse"] == pytest.approx(float((xd - xhd).pow(2).mean()), rel=1e-9)
+    assert r["cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(xd, xhd).mean()), rel=1e-9)
+    assert r["shrinkage"] == pytest.approx(float(xhd.pow(2).sum() / (xd * xhd).sum()), rel=1e-9)
+    assert r["dead_fraction"] == pytest.approx(1 / 20)
+    dens = (f != 0).double().mean(0)
+    assert r["dense_1pct_fraction"] == pytest.approx(float((dens > 0.01).double().mean()))
+    assert r["dense_10pct_fraction"] == pytest.approx(float((dens > 0.1).double().mean()))
+    ld = m.log10_density()
+    assert float(ld[0]) == pytest.approx(-10.0)

@@ -1,0 +1,317 @@
+"""Collect a model's activations at some hooks over a corpus into an ActivationStore.
+
+``collect(model, hooks, corpus, out, ...)``:
+
+- hooks are resolved with ``model.resolve_hooks`` (exact names, globs, braces);
+- the corpus is packed into windows of ``seq_len`` tokens, one document per window
+  (``workbench.corpus.pack``), batched ``batch_size`` windows at a time (right padding, each batch
+  trimmed to its longest window) and run under ``torch.inference_mode`` through ``model.run``,
+  which stops after the deepest hooked layer;
+- the rows kept are the real tokens (``attention_mask``), minus the special tokens excluded by
+  ``special_tokens``; padding never becomes a row. Rows are ordered by (sequence, position);
+- exactly ``max_tokens`` rows are collected (the last window may contribute only its first rows;
+  a ``max_tokens`` smaller than one batch simply gives one smaller batch). When the corpus runs
+  out first, the store holds what there was, a warning says so and the manifest records
+  ``exhausted: true``;
+- rows stream to shards of about ``shard_mb`` MiB (a whole number of batches each), written by a
+  background thread while the next shard is computed, so memory stays bounded (about two shards)
+  whatever ``max_tokens`` is;
+- deterministic: the same command gives byte-identical shards. Resumable: each shard is renamed
+  into place complete and recorded in ``progress.json``; rerunning the same command after an
+  interruption (Ctrl-C, SIGKILL, crash) keeps the intact shards and continues with the next batch,
+  ending byte-identical to an uninterrupted run. An ``out`` holding a store (complete or partial)
+  made with different settings is refused; ``overwrite=True`` replaces it. Rerunning a command
+  whose store is already complete returns that store.
+
+Special tokens (``special_tokens``): ``"exclude"`` (default: BOS/EOS/CLS/SEP/PAD ids never become
+rows), ``"include"`` (every real token becomes a row), or a comma list of the kinds to keep as
+rows, e.g. ``"bos"`` or ``"cls,sep"`` (the others are excluded). The manifest records the mode and
+the excluded ids.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .corpus import corpus_fingerprint, iter_documents, pack
+from .errors import WorkbenchError
+from .store import (DTYPES, MANIFEST, ActivationStore, StoreWriter, _settings_diff, dtype_name)
+
+SPECIAL_KINDS = ("bos", "eos", "cls", "sep", "pad")
+
+
+def _excluded_ids(special_tokens: str, special_ids: dict[str, int | None]) -> tuple[str, list[int]]:
+    mode = (special_tokens or "exclude").strip().lower()
+    if mode == "include":
+        keep = set(SPECIAL_KINDS)
+    elif mode == "exclude":
+        keep = set()
+    else:
+        keep = {k.strip() for k in mode.split(",") if k.strip()}
+        bad = sorted(keep - set(SPECIAL_KINDS))
+        if bad or not keep:
+            raise WorkbenchError(f"special_tokens must be 'exclude', 'include' or a comma list of "
+                                 f"kinds to keep as rows from {', '.join(SPECIAL_KINDS)}; got {special_tokens!r}")
+        mode = ",".join(k for k in SPECIAL_KINDS if k in keep)
+    keep_ids = {special_ids.get(k) for k in keep} - {None}
+    excluded = sorted({int(v) for k, v in special_ids.items()
+                       if v is not None and k in SPECIAL_KINDS and k not in keep and v not in keep_ids})
+    return mode, excluded
+
+
+def _batches(windows: Iterator, batch_size: int) -> Iterator[list]:
+    batch = []
+    for w in windows:
+        batch.append(w)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Docs:
+    """Passes documents through, remembering their names (doc id -> name)."""
+
+    def __init__(self, docs):
+        self.docs, self.names = docs, []
+
+    def __iter__(self):
+        for d in self.docs:
+            self.names.append(d.name)
+            yield d
+
+
+def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out: str | os.PathLike | None = None,
+            max_tokens: int = 50_000, seq_len: int = 128, batch_size: int = 16,
+            dtype: torch.dtype | str | None = None, device: str = "auto",
+            special_tokens: str = "exclude", overwrite: bool = False, progress: bool = True,
+            shard_mb: float = 32) -> ActivationStore:
+    """Collect activations into a store at ``out`` (see the module docstring). ``model`` is a
+    loaded Model or a model spec string; ``dtype`` is the storage dtype (float32 / float16 /
+    bfloat16; default: the model's dtype when it is one of those, else float32)."""
+    if out is None or str(out) == "":
+        raise WorkbenchError("collect needs an output folder (--out PATH)")
+    out = Path(out)
+    for name, v, lo in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise WorkbenchError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not shard_mb or shard_mb <= 0:
+        raise WorkbenchError(f"shard_mb must be > 0, got {shard_mb!r}")
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not hooks:
+        raise WorkbenchError("give at least one hook (--hooks NAME or a pattern like 'blocks.*.hook_resid_post')")
+    # fail fast on a bad corpus spec before loading a model
+    iter_documents(corpus)
+
+    if isinstance(model, str):
+        from .models import load_model
+        model = load_model(model, device=device)
+    elif device not in (None, "auto") and torch.device(device).type != torch.device(model.device).type:
+        raise WorkbenchError(f"the model is loaded on {model.device}, not {device}; load it with "
+                             f"device={device!r} or pass device='auto'")
+    dev = torch.device(model.device)
+
+    resolved = list(dict.fromkeys(model.resolve_hooks(list(hooks))))
+    dims = {h: int(model.d(h)) for h in resolved}
+    if dtype is None:
+        dtype = model.dtype if model.dtype in DTYPES.values() else torch.float32
+    dname = dtype_name(dtype)
+    st_dtype = DTYPES[dname]
+    mode, excluded = _excluded_ids(special_tokens, dict(model.special_ids))
+    bytes_per_token = sum(dims.values()) * st_dtype.itemsize
+    shard_batches = max(1, int(shard_mb * (1 << 20)) // (batch_size * seq_len * bytes_per_token))
+
+    fingerprint = corpus_fingerprint(corpus)
+    settings = {
+        "model": model.name, "model_dtype": str(model.dtype).replace("torch.", ""),
+        "device": dev.type, "hooks": resolved, "corpus": fingerprint, "max_tokens": max_tokens,
+        "seq_len": seq_len, "batch_size": batch_size, "dtype": dname,
+        "special_tokens": mode, "excluded_ids": excluded, "shard_batches": shard_batches,
+    }
+    header_kw = dict(model=model.name, hooks=dims, dtype=dname, seq_len=seq_len, settings=settings)
+
+    if (out / MANIFEST).exists() and not overwrite:
+        existing = ActivationStore.open(out)
+        m = existing.manifest
+        old = {**{k: m.get(k) for k in ("model", "hooks", "dtype", "seq_len")},
+               "settings": m.get("collect", {}).get("settings") or {}}
+        diff = _settings_diff(old, _header(header_kw))
+        if diff:
+            raise FileExistsError(f"{out} already holds a store made with different settings ({diff}); "
+                                  "pass --overwrite to replace it or choose another --out")
+        _log(progress, f"collect: {out} is already complete with these settings ({existing.n_rows} rows)")
+        return existing
+
+    writer = StoreWriter.start(out, overwrite=overwrite, **header_kw)
+    rows_done, seq_done = writer.n_rows, writer.n_seq
+    if writer.shards:
+        _log(progress, f"collect: resuming {out} after {len(writer.shards)} complete shard(s) "
+                       f"({rows_done} rows)")
+
+    tok = model.tokenizer
+    pad_id = model.special_ids.get("pad")
+    pad_id = 0 if pad_id is None else int(pad_id)
+    docs = _Docs(iter_documents(corpus))
+    windows = pack(docs, tok, seq_len)
+    excl = torch.tensor(excluded, dtype=torch.long)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_tokens, initial=rows_done, unit="tok", unit_scale=True, file=sys.stderr,
+                   desc=f"collect {out.name}", dynamic_ncols=True, smoothing=0.1)
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+    pending: cf.Future | None = None
+    t0 = time.perf_counter()
+    rows_new = 0
+    max_doc = -1
+    exhausted = True
+    try:
+        buf = _ShardBuffer(resolved)
+        seq_counter, rows_total = 0, 0
+        for batch in _batches(windows, batch_size):
+            # ---- plan which rows of this batch count, on CPU, before any compute
+            n = len(batch)
+            L = max(len(w.ids) for w in batch)
+            ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+            mask = torch.zeros((n, seq_len), dtype=torch.bool)
+            for i, w in enumerate(batch):
+                ids[i, :len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
+                mask[i, :len(w.ids)] = True
+            keep = mask.clone()
+            if len(excl):
+                keep &= ~torch.isin(ids, excl)
+            per_seq = keep.sum(1)
+            cum = torch.cumsum(per_seq, 0)
+            remaining = max_tokens - rows_total
+            if int(cum[-1]) >= remaining:        # the last batch: cut at exactly max_tokens rows
+                n_used = int((cum < remaining).sum()) + 1
+                batch, ids, mask, keep = batch[:n_used], ids[:n_used], mask[:n_used], keep[:n_used]
+                flat = keep.reshape(-1)
+                over = int(flat.sum()) - remaining
+                if over > 0:
+                    pos = flat.nonzero()[-over:, 0]
+                    flat[pos] = False
+                    keep = flat.reshape(keep.shape)
+                n, L = len(batch), max(len(w.ids) for w in batch)
+            n_rows = int(keep.sum())
+            rows_total += n_rows
+            seq_start = seq_counter
+            seq_counter += n
+            if seq_counter <= seq_done:          # already in a complete shard (resume)
+                if rows_total >= max_tokens:
+                    exhausted = False
+                    break
+                continue
+            # ---- compute
+            with torch.inference_mode():
+                acts = model.run(ids[:, :L].to(dev), mask[:, :L].to(dev), resolved)
+                k = keep[:, :L]
+                kd = k.to(dev)
+                rows = {h: acts[h].reshape(n, L, -1)[kd].to(st_dtype).to("cpu") for h in resolved}
+            del acts
+            si, po = k.nonzero(as_tuple=True)
+            buf.add(rows, si + seq_start, po, ids, mask, torch.tensor([w.doc_id for w in batch]))
+            max_doc = max(max_doc, max(w.doc_id for w in batch))
+            rows_new += n_rows
+            if bar is not None:
+                bar.update(n_rows)
+            done = rows_total >= max_tokens
+            if buf.n_batches >= shard_batches or done:
+                pending = _submit(pool, pending, writer, buf)
+                buf = _ShardBuffer(resolved)
+                if bar is not None:
+                    bar.set_postfix(shards=len(writer.shards) + 1, refresh=False)
+            if done:
+                exhausted = False
+                break
+        if buf.n_batches:
+            pending = _submit(pool, pending, writer, buf)
+        if pending is not None:
+            pending.result()
+            pending = None
+    finally:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=True)   # an in-flight shard write completes (it is atomic either way)
+    seconds = time.perf_counter() - t0
+    if writer.n_rows == 0:
+        raise WorkbenchError(f"corpus {corpus!r} gave no tokens to collect (every token was padding "
+                             "or an excluded special token)")
+    if exhausted and writer.n_rows < max_tokens:
+        warnings.warn(f"corpus {corpus!r} ran out after {writer.n_rows} tokens (max_tokens={max_tokens}); "
+                      "the store holds all of it", stacklevel=2)
+    n_docs_store = int(max(
+        [max_doc] + ([int(_last_doc(writer))] if writer.shards else []))) + 1
+    names = docs.names[:n_docs_store] if len(docs.names) >= n_docs_store else None
+    store = writer.finalize(
+        corpus=fingerprint,
+        special_tokens={"mode": mode, "excluded_ids": excluded,
+                        "special_ids": {k: v for k, v in dict(model.special_ids).items()}},
+        documents=names,
+        extra={"model_kind": getattr(model, "kind", None)},
+        stats={"tokens": writer.n_rows, "exhausted": bool(exhausted and writer.n_rows < max_tokens),
+               "seconds_last_run": round(seconds, 3),
+               "tokens_per_s_last_run": round(rows_new / seconds, 1) if seconds > 0 else None},
+    )
+    store.last_run = {"tokens": rows_new, "seconds": seconds,
+                      "tokens_per_s": rows_new / seconds if seconds > 0 else 0.0}
+    return store
+
+
+def _header(kw: dict[str, Any]) -> dict[str, Any]:
+    return {"model": kw["model"], "hooks": [{"name": h, "d": int(d)} for h, d in kw["hooks"].items()],
+            "dtype": kw["dtype"], "seq_len": int(kw["seq_len"]), "settings": kw["settings"]}
+
+
+def _last_doc(writer: StoreWriter) -> int:
+    from .store import _Shard
+    sh = _Shard(writer.path / writer.shards[-1]["file"])
+    d = sh.tensor("doc_ids")
+    return int(d.max()) if d.numel() else -1
+
+
+class _ShardBuffer:
+    def __init__(self, hooks: list[str]):
+        self.hooks = hooks
+        self.acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+        self.si, self.po, self.tok, self.mask, self.doc = [], [], [], [], []
+        self.n_batches = 0
+
+    def add(self, rows, si, po, tok, mask, doc):
+        for h in self.hooks:
+            self.acts[h].append(rows[h])
+        self.si.append(si)
+        self.po.append(po)
+        self.tok.append(tok)
+        self.mask.append(mask)
+        self.doc.append(doc)
+        self.n_batches += 1
+
+    def tensors(self):
+        return ({h: torch.cat(v) for h, v in self.acts.items()}, torch.cat(self.si), torch.cat(self.po),
+                torch.cat(self.tok), torch.cat(self.mask), torch.cat(self.doc))
+
+
+def _submit(pool: cf.ThreadPoolExecutor, pending: cf.Future | None, writer: StoreWriter,
+            buf: _ShardBuffer) -> cf.Future:
+    """Queue a shard write, after the previous one finished (at most one in flight)."""
+    if pending is not None:
+        pending.result()
+    return pool.submit(lambda: writer.write_shard(*buf.tensors()))
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr)

@@ -1,0 +1,324 @@
+"""Text corpora: documents with ids, tokenised and packed into fixed-length windows.
+
+Corpus specs (``iter_documents(spec)``):
+
+- ``builtin`` — real English/technical text that needs no network: the docstrings of the Python
+  standard library of this interpreter, read with ``ast`` (one document per module file: its
+  module, class and function docstrings in source order, joined by blank lines; the stdlib folder
+  is walked in sorted order, skipping tests, idlelib, turtledemo, ensurepip, lib2to3,
+  site-packages and pydoc_data), followed by the ``pydoc_data.topics`` help topics (one document
+  each, sorted by name). Deterministic for a given Python version (~2M characters, ~0.5M tokens).
+- ``PATH.txt`` — one document (the whole file); ``PATH.txt:lines`` — one document per non-empty
+  line; ``PATH.txt:paragraphs`` — one per blank-line-separated paragraph.
+- ``FOLDER`` — every ``*.txt`` / ``*.md`` file below it, sorted, one document each.
+- ``PATH.jsonl[:field]`` — one document per line, text in ``field`` (default ``text``).
+- ``hf:NAME[:split[:field]]`` — a Hugging Face dataset (split ``train``, field ``text`` by
+  default), streamed with ``datasets``; needs the network (or ``HF_DATASETS_OFFLINE=1`` and a
+  cached copy). Offline it fails at once with a clear message.
+
+Document ids are 0, 1, 2, ... in the order documents are produced (empty documents are skipped
+and get no id).
+
+Packing policy (``pack``): **one document per window, windows never span documents**, so every
+sequence has exactly one document id (``store.sequences()["doc_ids"]``) and document-level
+pooling is a group-by on ``doc_ids[seq_index]``. Each document is tokenised without special
+tokens, cut into consecutive chunks of ``seq_len - n_special`` tokens, and each chunk is wrapped
+with the tokenizer's own special tokens (BOS for Llama-style tokenizers that add one, [CLS] ...
+[SEP] for BERT); a document's last chunk is shorter and is right-padded when batched. The
+builtin corpus uses whole modules as documents, so few windows are short.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import socket
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import WorkbenchError
+
+SPEC_HELP = ("a corpus is 'builtin', a .txt file (optionally :lines or :paragraphs), a folder of "
+             ".txt/.md files, FILE.jsonl[:field], or hf:NAME[:split[:field]]")
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "ensurepip", "lib2to3", "site-packages",
+              "dist-packages", "__pycache__", "pydoc_data", "__phello__"}
+
+
+@dataclass
+class Document:
+    id: int
+    name: str
+    text: str
+
+
+@dataclass
+class Window:
+    """One packed sequence: token ids including special tokens (unpadded) and its document."""
+    doc_id: int
+    ids: list[int]
+
+
+# ------------------------------------------------------------------------------- documents
+def iter_documents(spec: str) -> Iterator[Document]:
+    """Documents of a corpus spec, with ids 0.. in order. Raises at once for a bad spec or a
+    missing file (before yielding anything)."""
+    source = _source(spec)   # validates eagerly
+    return _number(source)
+
+
+def _number(texts: Iterable[tuple[str, str]]) -> Iterator[Document]:
+    i = 0
+    for name, text in texts:
+        if text and text.strip():
+            yield Document(i, name, text)
+            i += 1
+
+
+def _source(spec: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise WorkbenchError(f"empty corpus spec; {SPEC_HELP}")
+    spec = spec.strip()
+    if spec == "builtin":
+        return _builtin_cached()
+    if spec.startswith("hf:"):
+        return _hf(spec)
+    path, mode = spec, None
+    if not Path(spec).exists() and ":" in spec:
+        path, mode = spec.rsplit(":", 1)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"corpus not found: {path} (no such file or folder); {SPEC_HELP}")
+    if p.is_dir():
+        if mode:
+            raise WorkbenchError(f"corpus {spec!r}: a folder takes no ':{mode}' suffix")
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".md"))
+        if not files:
+            raise WorkbenchError(f"corpus folder {p} has no .txt or .md files")
+        return ((str(f.relative_to(p)), _read_text(f)) for f in files)
+    if p.suffix.lower() == ".jsonl":
+        return _jsonl(p, mode or "text")
+    if mode not in (None, "lines", "paragraphs"):
+        raise WorkbenchError(f"corpus {spec!r}: unknown text mode {mode!r}; use :lines or :paragraphs")
+    return _text_file(p, mode)
+
+
+def corpus_fingerprint(spec: str) -> dict[str, Any]:
+    """What identifies a corpus for resuming and provenance: the spec plus, for files, their size
+    and modification time; for builtin, the Python version whose stdlib it reads."""
+    fp: dict[str, Any] = {"spec": spec}
+    if spec == "builtin":
+        fp["python"] = sys.version.split()[0]
+    elif not spec.startswith("hf:"):
+        path = spec if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)[0]
+        p = Path(path).expanduser()
+        if p.is_file():
+            st = p.stat()
+            fp.update(bytes=st.st_size, mtime=int(st.st_mtime))
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".md"))
+            fp.update(files=len(files), bytes=sum(f.stat().st_size for f in files),
+                      mtime=max((int(f.stat().st_mtime) for f in files), default=0))
+    return fp
+
+
+def _read_text(p: Path) -> str:
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def _text_file(p: Path, mode: str | None) -> Iterator[tuple[str, str]]:
+    text = _read_text(p)
+    if mode is None:
+        yield p.name, text
+    elif mode == "lines":
+        for i, line in enumerate(text.splitlines()):
+            yield f"{p.name}:{i + 1}", line
+    else:
+        para, start = [], 1
+        for i, line in enumerate(text.splitlines() + [""]):
+            if line.strip():
+                if not para:
+                    start = i + 1
+                para.append(line)
+            elif para:
+                yield f"{p.name}:{start}", "\n".join(para)
+                para = []
+
+
+def _jsonl(p: Path, field: str) -> Iterator[tuple[str, str]]:
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise WorkbenchError(f"{p}:{i}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise WorkbenchError(f"{p}:{i}: no field {field!r} (has: {keys}); "
+                                     f"use {p}:FIELD to pick the text field")
+            text = obj[field]
+            if not isinstance(text, str):
+                raise WorkbenchError(f"{p}:{i}: field {field!r} is {type(text).__name__}, not text")
+            yield f"{p.name}:{i}", text
+
+
+_BUILTIN_CACHE: list[tuple[str, str]] = []
+_BUILTIN_DONE = [False]
+
+
+def _builtin_cached() -> Iterator[tuple[str, str]]:
+    """The builtin documents, parsed lazily once per process and replayed afterwards."""
+    i, gen, gen_pos = 0, None, 0
+    while True:
+        if i < len(_BUILTIN_CACHE):
+            yield _BUILTIN_CACHE[i]
+            i += 1
+            continue
+        if _BUILTIN_DONE[0]:
+            return
+        if gen is None:
+            gen, gen_pos = _builtin(), 0
+        try:
+            while gen_pos <= i:         # catch up (another reader may have filled the cache)
+                item = next(gen)
+                gen_pos += 1
+        except StopIteration:
+            _BUILTIN_DONE[0] = True
+            return
+        if len(_BUILTIN_CACHE) == i:
+            _BUILTIN_CACHE.append(item)
+        yield item
+        i += 1
+
+
+def _builtin() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "config-")))
+        for fname in sorted(files):
+            if not fname.endswith(".py"):
+                continue
+            path = Path(dirpath) / fname
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, OSError):
+                continue
+            docs = []
+            nodes = [n for n in ast.walk(tree)
+                     if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+            for node in nodes:
+                d = ast.get_docstring(node, clean=True)
+                if d and len(d.split()) >= 3:
+                    docs.append(d.strip())
+            if docs:
+                yield "stdlib:" + path.relative_to(root).as_posix(), "\n\n".join(docs)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:   # pragma: no cover - some distributions strip it
+        return
+    for name in sorted(topics):
+        yield f"pydoc:{name}", topics[name]
+
+
+def _hf(spec: str) -> Iterator[tuple[str, str]]:
+    parts = spec[3:].split(":")
+    name = parts[0]
+    split = parts[1] if len(parts) > 1 and parts[1] else "train"
+    field = parts[2] if len(parts) > 2 and parts[2] else "text"
+    if not name:
+        raise WorkbenchError(f"corpus {spec!r}: give a dataset name, hf:NAME[:split[:field]]")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise WorkbenchError(f"corpus {spec!r} needs the `datasets` package (pip install datasets)") from None
+    offline_env = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    hint = ("use corpus 'builtin', a .txt file or folder, or FILE.jsonl[:field] instead")
+    if not offline_env and not _online():
+        raise WorkbenchError(f"corpus {spec!r} is not available offline (huggingface.co is "
+                             f"unreachable); {hint}, or set HF_DATASETS_OFFLINE=1 to use a cached copy")
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types
+        raise WorkbenchError(f"corpus {spec!r}: could not load dataset {name!r} split {split!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
+    return _hf_rows(ds, spec, field)
+
+
+def _hf_rows(ds, spec: str, field: str) -> Iterator[tuple[str, str]]:
+    for i, row in enumerate(ds):
+        if field not in row:
+            raise WorkbenchError(f"corpus {spec!r}: rows have no field {field!r} (has: {', '.join(row)})")
+        yield f"{spec}:{i}", row[field]
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------- packing
+def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) special token ids the tokenizer adds around one text (e.g. [BOS], [] or
+    [CLS], [SEP]), found by tokenising a probe text with and without special tokens."""
+    probe = "hello world, this is a probe"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    n = len(plain)
+    for k in range(len(full) - n + 1):
+        if full[k:k + n] == plain:
+            return list(full[:k]), list(full[k + n:])
+    return [], []
+
+
+def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_tokens: bool = True,
+         tokenize_batch: int = 32) -> Iterator[Window]:
+    """Tokenise documents lazily and cut them into windows of at most ``seq_len`` tokens, one
+    document per window (see the module docstring). Raises WorkbenchError when the corpus yields
+    no tokens at all."""
+    prefix, suffix = special_wrapping(tokenizer) if add_special_tokens else ([], [])
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise WorkbenchError(f"seq_len={seq_len} leaves no room for text next to the tokenizer's "
+                             f"{len(prefix) + len(suffix)} special token(s); use a larger --seq-len")
+    any_window = False
+    pending: list[Document] = []
+    group = 1          # documents per tokenizer call: grows 1, 2, 4, ... up to tokenize_batch,
+                       # so a small max_tokens does not tokenise far ahead
+
+    def flush():
+        texts = [d.text for d in pending]
+        enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for d, ids in zip(pending, enc):
+            for s in range(0, len(ids), body):
+                yield Window(d.id, prefix + list(ids[s:s + body]) + suffix)
+        pending.clear()
+
+    for d in docs:
+        pending.append(d)
+        if len(pending) >= group:
+            group = min(tokenize_batch, group * 2)
+            for w in flush():
+                any_window = True
+                yield w
+    if pending:
+        for w in flush():
+            any_window = True
+            yield w
+    if not any_window:
+        raise WorkbenchError("the corpus has no text (no documents, or only empty ones)")
+
+
+def document_names(spec: str) -> list[str]:
+    """Names of all documents of a corpus (index = doc id)."""
+    return [d.name for d in iter_documents(spec)]

@@ -1,0 +1,54 @@
+"""The `collect` step: a model's activations at some hooks over a corpus -> an activation store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import StepResult, arg, register
+
+
+@dataclass
+class CollectConfig:
+    model: str = field(default="smollm2-135m", metadata=arg(
+        "model spec: smollm2-135m, minilm-l6, tiny-random[:...], a local HF folder, a .gguf file"))
+    hooks: list[str] = field(default_factory=list, metadata=arg(
+        "hook names or patterns (repeatable): blocks.6.hook_resid_post, 'blocks.*.hook_resid_post', "
+        "'blocks.{6,15}.hook_resid_post'"))
+    corpus: str = field(default="builtin", metadata=arg(
+        "builtin, a .txt file (:lines / :paragraphs) or folder, FILE.jsonl[:field], hf:NAME[:split[:field]]"))
+    max_tokens: int = field(default=50_000, metadata=arg("number of token rows to collect"))
+    seq_len: int = field(default=128, metadata=arg("tokens per window (one document per window)"))
+    batch_size: int = field(default=16, metadata=arg("windows per forward pass"))
+    out: str = field(default="", metadata=arg("output store folder (required)"))
+    dtype: str = field(default="", metadata=arg(
+        "storage dtype (default: the model's dtype)", choices=["float32", "float16", "bfloat16"]))
+    device: str = field(default="auto", metadata=arg("cpu, cuda, cuda:1, ... or auto"))
+    special_tokens: str = field(default="exclude", metadata=arg(
+        "which special tokens become rows: exclude, include, or a comma list of kinds to keep "
+        "(bos,eos,cls,sep)"))
+    overwrite: bool = field(default=False, metadata=arg("replace an existing store at --out"))
+    progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
+
+
+@register("collect", CollectConfig, help="collect a model's activations at some hooks into a store")
+def collect_step(cfg: CollectConfig) -> StepResult:
+    from ..collect import collect
+    from ..errors import WorkbenchError
+    if not cfg.out:
+        raise WorkbenchError("collect needs --out PATH (the store folder to write)")
+    if not cfg.hooks:
+        raise WorkbenchError("collect needs --hooks NAME (repeatable; patterns like "
+                             "'blocks.*.hook_resid_post' work)")
+    store = collect(cfg.model, list(cfg.hooks), corpus=cfg.corpus, out=cfg.out,
+                    max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                    dtype=cfg.dtype or None, device=cfg.device, special_tokens=cfg.special_tokens,
+                    overwrite=cfg.overwrite, progress=cfg.progress)
+    last = getattr(store, "last_run", None) or {}
+    return StepResult(
+        summary={"store": str(store.path), "model": store.model_name, "hooks": store.hooks,
+                 "n_rows": store.n_rows, "n_seq": store.n_seq, "dtype": store.manifest["dtype"]},
+        metrics={"tokens": float(store.n_rows),
+                 "tokens_collected": float(last.get("tokens", 0)),
+                 "tokens_per_s": round(float(last.get("tokens_per_s", 0.0)), 1)},
+        artifacts={"store": str(store.path)},
+    )

@@ -1,0 +1,671 @@
+"""Activation store: a folder of safetensors shards plus a manifest, read memory-mapped.
+
+Layout (format ``workbench.activation_store`` version 1)::
+
+    STORE/manifest.json                   written LAST, atomically (temp + rename): the store is
+                                          complete iff this file exists; sha256 of every data file
+    STORE/shards/shard-00000.safetensors  one file per shard, holding ALL hooks of that shard:
+        acts.<hook>      [rows, d]        activations in the storage dtype (float32/float16/bfloat16)
+        seq_index        [rows]   int32   global sequence index of each row
+        position         [rows]   int32   token position of each row inside its sequence
+        token_ids        [n_seq, seq_len] int32   the sequences this shard introduces
+        attention_mask   [n_seq, seq_len] bool    (False = padding; padding never becomes a row)
+        doc_ids          [n_seq]  int64   document id of each sequence (one document per sequence)
+    STORE/documents.json                  optional: names of the documents (doc id -> name)
+    STORE/progress.json                   only while collecting: settings + the shards done so far
+
+Why one file per shard with every hook (not one file per hook): a shard is the unit of writing and
+of resuming (it is renamed into place complete, then recorded in progress.json), and reading one
+hook out of it is still one contiguous byte range of the file (safetensors stores each tensor
+contiguously), so nothing is lost for read speed.
+
+Reading never loads a whole file: each shard's safetensors header is parsed once and its tensors
+are ``numpy.memmap`` views; ``read`` copies only the requested rows. ``batches`` streams a hook
+shuffled with bounded memory (see its docstring). Reading a store never imports
+``workbench.models``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import StoreCorrupted, WorkbenchError, closest
+from .results import atomic_write_json
+
+FORMAT = "workbench.activation_store"
+VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+DOCUMENTS = "documents.json"
+SHARD_DIR = "shards"
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16}
+_ST_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+             "BOOL": np.bool_}
+_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+DEFAULT_BUFFER_BYTES = 256 << 20   # shuffle window of `batches`
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str:
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.", "")
+        name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                "float": "float32"}.get(name, name)
+    else:
+        name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise WorkbenchError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARD_DIR}/shard-{i:05d}.safetensors"
+
+
+def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _to_torch(arr: np.ndarray, st_dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(arr)
+    if st_dtype == "BF16":
+        t = t.view(torch.bfloat16)
+    return t
+
+
+class _Shard:
+    """A memory-mapped safetensors file: header parsed once, tensors as numpy.memmap views."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError) as e:
+            raise StoreCorrupted(f"{path}: unreadable safetensors file ({e}); "
+                                 "run `workbench store verify` on the store") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.tensors = header
+        self._maps: dict[str, np.ndarray] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def st_dtype(self, name: str) -> str:
+        return self.tensors[name]["dtype"]
+
+    def array(self, name: str) -> np.ndarray:
+        """memmap view (no data read until sliced) of one tensor; BF16 appears as uint16."""
+        m = self._maps.get(name)
+        if m is None:
+            info = self.tensors[name]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            npd = _ST_NUMPY[info["dtype"]]
+            if end == begin:
+                m = np.zeros(shape, dtype=npd)
+            else:
+                m = np.memmap(self.path, dtype=npd, mode="r", offset=self.base + begin, shape=shape)
+            self._maps[name] = m
+        return m
+
+    def tensor(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, copied out of the map."""
+        a = self.array(name)
+        return _to_torch(np.array(a[start:stop]), self.st_dtype(name))
+
+
+# ---------------------------------------------------------------------------------------------
+class ActivationStore:
+    """A complete activation store (open with ``ActivationStore.open(path)``).
+
+    Row r of every hook is the activation at token
+    ``sequences()["token_ids"][rows()["seq_index"][r], rows()["position"][r]]``.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._hooks = {h["name"]: int(h["d"]) for h in manifest["hooks"]}
+        self._shards_meta = manifest["shards"]
+        self._row_starts = [int(s["row_start"]) for s in self._shards_meta]
+        self._open: dict[int, _Shard] = {}
+        self._rows_cache: dict[str, torch.Tensor] | None = None
+        self._seq_cache: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> "ActivationStore":
+        """Open a complete store. Cheap checks always (every file present with the right size);
+        ``verify=True`` also checks every file's sha256."""
+        path = Path(path)
+        if not path.exists():
+            raise WorkbenchError(f"no activation store at {path} (folder does not exist)")
+        if not path.is_dir():
+            raise WorkbenchError(f"{path} is a file, not an activation store folder")
+        mf = path / MANIFEST
+        if not mf.exists():
+            if (path / PROGRESS).exists():
+                try:
+                    done = len(json.loads((path / PROGRESS).read_text()).get("shards", []))
+                except ValueError:
+                    done = "?"
+                raise WorkbenchError(
+                    f"{path} is an incomplete activation store (collection was interrupted after "
+                    f"{done} complete shard(s); no {MANIFEST}). Rerun the same `workbench collect` "
+                    "command to resume, or pass --overwrite to start over")
+            raise WorkbenchError(f"{path} is not an activation store (no {MANIFEST}); "
+                                 "make one with `workbench collect`")
+        try:
+            manifest = json.loads(mf.read_text())
+        except ValueError as e:
+            raise StoreCorrupted(f"{mf}: not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise WorkbenchError(f"{mf} is not an activation store manifest "
+                                 f"(format {manifest.get('format')!r}, expected {FORMAT!r})")
+        if int(manifest.get("version", 0)) > VERSION:
+            raise WorkbenchError(f"{path} was written by a newer workbench (store version "
+                                 f"{manifest['version']}, this one reads <= {VERSION}); upgrade workbench")
+        store = cls(path, manifest)
+        store._check_sizes()
+        if verify:
+            store.verify()
+        return store
+
+    def _files(self) -> list[tuple[str, str, int]]:
+        """(relative file, sha256, bytes) of every data file the manifest lists."""
+        out = [(s["file"], s["sha256"], int(s["bytes"])) for s in self._shards_meta]
+        for name, f in sorted(self.manifest.get("files", {}).items()):
+            out.append((name, f["sha256"], int(f["bytes"])))
+        return out
+
+    def _check_sizes(self) -> None:
+        for rel, _, size in self._files():
+            p = self.path / rel
+            if not p.exists():
+                raise StoreCorrupted(f"{p}: missing (the store lists it in {MANIFEST})")
+            actual = p.stat().st_size
+            if actual != size:
+                raise StoreCorrupted(f"{p}: {'truncated' if actual < size else 'wrong size'} "
+                                     f"({actual} bytes, expected {size})")
+
+    def verify(self) -> None:
+        """Check that every file exists with the size and sha256 the manifest records; raise
+        StoreCorrupted naming the first bad file."""
+        self._check_sizes()
+        for rel, sha, _ in self._files():
+            p = self.path / rel
+            got = sha256_file(p)
+            if got != sha:
+                raise StoreCorrupted(f"{p}: sha256 mismatch (file was edited or damaged): "
+                                     f"{got[:16]}... != {sha[:16]}... recorded in {MANIFEST}")
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self._hooks)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def n_seq(self) -> int:
+        return int(self.manifest["n_seq"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, model={self.model_name!r}, hooks={self.hooks}, "
+                f"n_rows={self.n_rows}, dtype={self.manifest['dtype']})")
+
+    def d(self, hook: str) -> int:
+        return self._hooks[self._check_hook(hook)]
+
+    def _check_hook(self, hook: str) -> str:
+        if hook not in self._hooks:
+            raise WorkbenchError(f"hook {hook!r} is not in store {self.path}; "
+                                 f"it has: {closest(hook, self._hooks)}")
+        return hook
+
+    def shard_files(self) -> list[Path]:
+        return [self.path / s["file"] for s in self._shards_meta]
+
+    def documents(self) -> list[str] | None:
+        """Names of the documents (index = doc id), when the collector recorded them."""
+        p = self.path / DOCUMENTS
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        size = sum(int(b) for _, _, b in self._files()) + (self.path / MANIFEST).stat().st_size
+        return {
+            "path": str(self.path), "model": m["model"],
+            "hooks": dict(self._hooks), "n_rows": self.n_rows, "n_seq": self.n_seq,
+            "seq_len": self.seq_len, "dtype": m["dtype"], "shards": len(self._shards_meta),
+            "bytes_on_disk": size, "size": _human_bytes(size),
+            "corpus": m.get("corpus"), "special_tokens": m.get("special_tokens"),
+            "created": m.get("created"),
+        }
+
+    # ------------------------------------------------------------------ reading
+    def _shard(self, i: int) -> _Shard:
+        sh = self._open.get(i)
+        if sh is None:
+            sh = self._open[i] = _Shard(self.path / self._shards_meta[i]["file"])
+        return sh
+
+    def __getstate__(self):   # picklable (DataLoader workers, ray): drop open maps
+        st = dict(self.__dict__)
+        st["_open"] = {}
+        return st
+
+    def read(self, hook: str, start: int = 0, stop: int | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """Rows [start, stop) of one hook as a [rows, d] tensor (memory-mapped: only those rows are
+        read). dtype None keeps the storage dtype."""
+        self._check_hook(hook)
+        n = self.n_rows
+        stop = n if stop is None else stop
+        if start < 0:
+            start += n
+        if stop < 0:
+            stop += n
+        if not 0 <= start <= stop <= n:
+            raise WorkbenchError(f"rows [{start}, {stop}) out of range: store has {n} rows")
+        d = self._hooks[hook]
+        out = torch.empty((stop - start, d), dtype=self.dtype)
+        key = "acts." + hook
+        i = max(0, bisect.bisect_right(self._row_starts, start) - 1)
+        pos = start
+        while pos < stop and i < len(self._shards_meta):
+            s0 = self._row_starts[i]
+            s1 = s0 + int(self._shards_meta[i]["rows"])
+            if s1 > pos:
+                a, b = pos - s0, min(stop, s1) - s0
+                out[pos - start: pos - start + (b - a)] = self._shard(i).tensor(key, a, b)
+                pos += b - a
+            i += 1
+        return _move(out, device, dtype)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """{"seq_index": LongTensor[n_rows], "position": LongTensor[n_rows]}."""
+        if self._rows_cache is None:
+            si, po = [], []
+            for i in range(len(self._shards_meta)):
+                sh = self._shard(i)
+                si.append(sh.tensor("seq_index").long())
+                po.append(sh.tensor("position").long())
+            self._rows_cache = {"seq_index": _cat(si, torch.long), "position": _cat(po, torch.long)}
+        return {k: v.clone() for k, v in self._rows_cache.items()}
+
+    def sequences(self) -> dict[str, torch.Tensor]:
+        """{"token_ids": LongTensor[n_seq, seq_len], "attention_mask": BoolTensor[n_seq, seq_len],
+        "doc_ids": LongTensor[n_seq]}."""
+        if self._seq_cache is None:
+            tok, mask, doc = [], [], []
+            for i in range(len(self._shards_meta)):
+                sh = self._shard(i)
+                tok.append(sh.tensor("token_ids").long().reshape(-1, self.seq_len))
+                mask.append(sh.tensor("attention_mask").bool().reshape(-1, self.seq_len))
+                doc.append(sh.tensor("doc_ids").long())
+            self._seq_cache = {"token_ids": _cat(tok, torch.long, (0, self.seq_len)),
+                               "attention_mask": _cat(mask, torch.bool, (0, self.seq_len)),
+                               "doc_ids": _cat(doc, torch.long)}
+        return {k: v.clone() for k, v in self._seq_cache.items()}
+
+    def batches(self, hook: str, batch_size: int, shuffle: bool = True, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                drop_last: bool = False, buffer_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """Stream one hook as [batch_size, d] tensors; every row exactly once per pass (the last
+        batch is smaller unless drop_last).
+
+        Shuffle scheme (bounded memory): the shard order is permuted with ``seed``; shards are then
+        taken in that order into a window of at least ``buffer_rows`` rows (default: as many rows as
+        fit in 256 MiB, at least one shard); the window's rows plus the < batch_size rows carried
+        over from the previous window are permuted and yielded in batches, and the remainder
+        carries on. At most one window + one carry + one batch are in memory, whatever the
+        store's size. Rows from far-apart parts of the corpus mix because the shard order is
+        random; rows only mix across shards of the same window. ``shuffle=False`` streams rows in
+        store order. Same seed -> same batches.
+        """
+        self._check_hook(hook)
+        if batch_size < 1:
+            raise WorkbenchError(f"batch_size must be >= 1, got {batch_size}")
+        d = self._hooks[hook]
+        if not shuffle:
+            for s in range(0, self.n_rows, batch_size):
+                stop = min(s + batch_size, self.n_rows)
+                if drop_last and stop - s < batch_size:
+                    return
+                yield self.read(hook, s, stop, device=device, dtype=dtype)
+            return
+        if buffer_rows is None:
+            buffer_rows = max(batch_size, DEFAULT_BUFFER_BYTES // (d * self.dtype.itemsize))
+        g = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(len(self._shards_meta), generator=g).tolist()
+        key = "acts." + hook
+        carry = torch.empty((0, d), dtype=self.dtype)
+        k = 0
+        while k < len(order):
+            window, n = [carry], carry.shape[0]
+            while k < len(order) and (n < buffer_rows or len(window) == 1):
+                t = self._shard(order[k]).tensor(key)
+                window.append(t)
+                n += t.shape[0]
+                k += 1
+            buf = torch.cat(window) if len(window) > 1 else window[0]
+            del window
+            perm = torch.randperm(buf.shape[0], generator=g)
+            full = (buf.shape[0] // batch_size) * batch_size
+            for s in range(0, full, batch_size):
+                yield _move(buf[perm[s:s + batch_size]], device, dtype)
+            carry = buf[perm[full:]]
+            del buf
+        if carry.shape[0] and not drop_last:
+            yield _move(carry, device, dtype)
+
+
+def _cat(ts: list[torch.Tensor], dtype: torch.dtype, empty_shape=(0,)) -> torch.Tensor:
+    return torch.cat(ts) if ts else torch.empty(empty_shape, dtype=dtype)
+
+
+def _move(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    dt = None if dtype is None else (DTYPES[dtype_name(dtype)] if isinstance(dtype, str) else dtype)
+    dev = torch.device(device)
+    if dev.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory().to(dev, non_blocking=True)
+    if dt is not None or t.device != dev:
+        t = t.to(device=dev, dtype=dt or t.dtype)
+    return t
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+def serialize_shard(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a shard (no metadata, so the bytes depend only on the tensors)."""
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+class StoreWriter:
+    """Writes a store shard by shard (used by ``collect`` and ``write_store``).
+
+    Each shard is serialised, hashed, written to a temp file, fsynced and renamed into place, and
+    only then recorded in ``progress.json`` (atomic). ``finalize`` writes ``manifest.json`` last.
+    ``StoreWriter.start`` resumes a folder whose progress.json has the same ``settings``: shards
+    listed there and intact are kept, anything after the first bad one is dropped.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any], shards: list[dict[str, Any]]):
+        self.path = path
+        self.header = header          # settings, hooks, dtype, seq_len, model
+        self.shards = shards
+
+    @classmethod
+    def start(cls, path: str | os.PathLike, *, model: str, hooks: dict[str, int], dtype: str,
+              seq_len: int, settings: dict[str, Any], overwrite: bool = False,
+              resume: bool = True) -> "StoreWriter":
+        path = Path(path)
+        header = {"format": FORMAT, "version": VERSION, "model": model,
+                  "hooks": [{"name": h, "d": int(d)} for h, d in hooks.items()],
+                  "dtype": dtype_name(dtype), "seq_len": int(seq_len),
+                  "settings": json.loads(json.dumps(settings, default=str))}
+        if path.exists() and not path.is_dir():
+            raise WorkbenchError(f"{path} is a file; --out must be a folder")
+        if path.exists() and any(path.iterdir()):
+            is_store = (path / MANIFEST).exists() or (path / PROGRESS).exists()
+            if overwrite and is_store:
+                shutil.rmtree(path)
+            elif overwrite:
+                raise FileExistsError(f"{path} exists and is not an activation store; refusing to "
+                                      "delete it even with --overwrite: choose another --out")
+            elif (path / MANIFEST).exists():
+                raise FileExistsError(f"{path} already holds a complete activation store; pass "
+                                      "--overwrite to replace it or choose another --out")
+            elif (path / PROGRESS).exists():
+                try:
+                    prog = json.loads((path / PROGRESS).read_text())
+                except ValueError:
+                    prog = None
+                if prog is None or not resume:
+                    raise FileExistsError(f"{path} holds an unreadable or unresumable partial store; "
+                                          "pass --overwrite to start over")
+                diff = _settings_diff(prog, header)
+                if diff:
+                    raise FileExistsError(
+                        f"{path} holds a partial store collected with different settings ({diff}); "
+                        "rerun with the original settings to resume, pass --overwrite to start "
+                        "over, or choose another --out")
+                w = cls(path, header, [])
+                w._recover(prog.get("shards", []))
+                return w
+            else:
+                raise FileExistsError(f"{path} exists and is not an activation store; choose "
+                                      "another --out or pass --overwrite to replace it")
+        (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        w = cls(path, header, [])
+        w._save_progress()
+        return w
+
+    def _recover(self, listed: list[dict[str, Any]]) -> None:
+        keep: list[dict[str, Any]] = []
+        for s in listed:
+            p = self.path / s["file"]
+            if (s["file"] != shard_name(len(keep)) or not p.exists()
+                    or p.stat().st_size != int(s["bytes"]) or sha256_file(p) != s["sha256"]):
+                break
+            keep.append(s)
+        self.shards = keep
+        known = {s["file"] for s in keep}
+        (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        for p in sorted((self.path / SHARD_DIR).iterdir()):   # half-written / unrecorded leftovers
+            if f"{SHARD_DIR}/{p.name}" not in known:
+                p.unlink()
+        self._save_progress()
+
+    @property
+    def n_rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    @property
+    def n_seq(self) -> int:
+        return sum(int(s["n_seq"]) for s in self.shards)
+
+    def _save_progress(self) -> None:
+        atomic_write_json(self.path / PROGRESS, {**self.header, "shards": self.shards})
+
+    def write_shard(self, acts: dict[str, torch.Tensor], seq_index: torch.Tensor,
+                    position: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    doc_ids: torch.Tensor) -> dict[str, Any]:
+        dt = DTYPES[self.header["dtype"]]
+        seq_len = self.header["seq_len"]
+        rows = int(seq_index.shape[0])
+        tensors: dict[str, torch.Tensor] = {}
+        for h in self.header["hooks"]:
+            a = acts[h["name"]]
+            if a.shape != (rows, h["d"]):
+                raise WorkbenchError(f"hook {h['name']}: got activations of shape {tuple(a.shape)}, "
+                                     f"expected ({rows}, {h['d']})")
+            tensors["acts." + h["name"]] = a.to(dt)
+        n_seq = int(token_ids.shape[0])
+        tensors["seq_index"] = seq_index.to(torch.int32)
+        tensors["position"] = position.to(torch.int32)
+        tensors["token_ids"] = token_ids.reshape(n_seq, seq_len).to(torch.int32)
+        tensors["attention_mask"] = attention_mask.reshape(n_seq, seq_len).to(torch.bool)
+        tensors["doc_ids"] = doc_ids.reshape(n_seq).to(torch.int64)
+        data = serialize_shard(tensors)
+        del tensors
+        rel = shard_name(len(self.shards))
+        _atomic_write_bytes(self.path / rel, data)
+        entry = {"file": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                 "rows": rows, "row_start": self.n_rows, "n_seq": n_seq, "seq_start": self.n_seq}
+        self.shards.append(entry)
+        self._save_progress()
+        return entry
+
+    def finalize(self, *, corpus: Any = None, special_tokens: Any = None,
+                 documents: list[str] | None = None, extra: dict[str, Any] | None = None,
+                 stats: dict[str, Any] | None = None) -> ActivationStore:
+        files = {}
+        if documents is not None:
+            text = json.dumps(list(documents)).encode()
+            _atomic_write_bytes(self.path / DOCUMENTS, text)
+            files[DOCUMENTS] = {"sha256": hashlib.sha256(text).hexdigest(), "bytes": len(text)}
+        manifest = {
+            **{k: v for k, v in self.header.items() if k != "settings"},
+            "n_rows": self.n_rows, "n_seq": self.n_seq,
+            "corpus": corpus, "special_tokens": special_tokens,
+            "collect": {"settings": self.header["settings"], **(stats or {})},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "workbench_version": _version(),
+            "extra": extra or {},
+            "files": files,
+            "shards": self.shards,
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        (self.path / PROGRESS).unlink(missing_ok=True)
+        return ActivationStore.open(self.path)
+
+
+def _settings_diff(prog: dict[str, Any], header: dict[str, Any]) -> str:
+    old = {k: prog.get(k) for k in ("model", "hooks", "dtype", "seq_len")}
+    old.update({f"{k}": v for k, v in (prog.get("settings") or {}).items()})
+    new = {k: header.get(k) for k in ("model", "hooks", "dtype", "seq_len")}
+    new.update(header["settings"])
+    diffs = [f"{k}: {old.get(k)!r} before, {new.get(k)!r} now"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(diffs)
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+        return __version__
+    except ImportError:   # pragma: no cover
+        return "?"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_store(path: str | os.PathLike, acts: dict[str, torch.Tensor], token_ids: torch.Tensor,
+                attention_mask: torch.Tensor, doc_ids: torch.Tensor, seq_index: torch.Tensor,
+                position: torch.Tensor, model_name: str, extra: dict[str, Any] | None = None, *,
+                dtype: torch.dtype | str | None = None, shard_rows: int | None = None,
+                documents: list[str] | None = None, corpus: Any = None,
+                overwrite: bool = False) -> ActivationStore:
+    """A complete, valid store in one call (tests, synthetic data, imports).
+
+    acts: {hook: [n_rows, d]}; token_ids / attention_mask: [n_seq, seq_len]; doc_ids: [n_seq];
+    seq_index / position: [n_rows] (row r is token token_ids[seq_index[r], position[r]], which
+    must not be padding). dtype: storage dtype (default: that of the first hook's tensor, float32
+    if it is not a float16/bfloat16/float32). shard_rows: rows per shard (default ~64 MiB).
+    """
+    if not acts:
+        raise WorkbenchError("write_store needs at least one hook in `acts`")
+    token_ids = torch.as_tensor(token_ids)
+    attention_mask = torch.as_tensor(attention_mask).bool()
+    doc_ids = torch.as_tensor(doc_ids).long().reshape(-1)
+    seq_index = torch.as_tensor(seq_index).long().reshape(-1)
+    position = torch.as_tensor(position).long().reshape(-1)
+    if token_ids.ndim != 2:
+        raise WorkbenchError(f"token_ids must be [n_seq, seq_len], got shape {tuple(token_ids.shape)}")
+    n_seq, seq_len = token_ids.shape
+    if attention_mask.shape != token_ids.shape:
+        raise WorkbenchError(f"attention_mask shape {tuple(attention_mask.shape)} != token_ids shape "
+                             f"{tuple(token_ids.shape)}")
+    if doc_ids.shape[0] != n_seq:
+        raise WorkbenchError(f"doc_ids has {doc_ids.shape[0]} entries, expected one per sequence ({n_seq})")
+    n_rows = seq_index.shape[0]
+    if position.shape[0] != n_rows:
+        raise WorkbenchError(f"position has {position.shape[0]} entries, seq_index {n_rows}")
+    hooks: dict[str, int] = {}
+    for h, a in acts.items():
+        if a.ndim != 2 or a.shape[0] != n_rows:
+            raise WorkbenchError(f"acts[{h!r}] must be [n_rows={n_rows}, d], got shape {tuple(a.shape)}")
+        hooks[h] = int(a.shape[1])
+    if n_rows:
+        if int(seq_index.min()) < 0 or int(seq_index.max()) >= n_seq:
+            raise WorkbenchError(f"seq_index out of range [0, {n_seq})")
+        if int(position.min()) < 0 or int(position.max()) >= seq_len:
+            raise WorkbenchError(f"position out of range [0, {seq_len})")
+        if not bool(attention_mask[seq_index, position].all()):
+            bad = int((~attention_mask[seq_index, position]).nonzero()[0, 0])
+            raise WorkbenchError(f"row {bad} points at padding (attention_mask is False there); "
+                                 "padding never becomes a row")
+    first = next(iter(acts.values()))
+    if dtype is None:
+        dtype = first.dtype if first.dtype in DTYPES.values() else torch.float32
+    dname = dtype_name(dtype)
+    bytes_per_row = sum(hooks.values()) * DTYPES[dname].itemsize
+    if shard_rows is None:
+        shard_rows = max(1, (64 << 20) // max(1, bytes_per_row))
+    n_shards = max(1, math.ceil(n_rows / shard_rows))
+    seq_per = math.ceil(n_seq / n_shards) if n_seq else 0
+    w = StoreWriter.start(path, model=model_name, hooks=hooks, dtype=dname, seq_len=seq_len,
+                          settings={"writer": "write_store"}, overwrite=overwrite, resume=False)
+    for i in range(n_shards):
+        r0, r1 = i * shard_rows, min(n_rows, (i + 1) * shard_rows)
+        q0, q1 = min(n_seq, i * seq_per), min(n_seq, (i + 1) * seq_per)
+        w.write_shard({h: a[r0:r1] for h, a in acts.items()}, seq_index[r0:r1], position[r0:r1],
+                      token_ids[q0:q1], attention_mask[q0:q1], doc_ids[q0:q1])
+    return w.finalize(corpus=corpus, documents=documents, extra=extra)

@@ -1,0 +1,514 @@
+"""Reading and validating a sweep file (schema: see the package docstring).
+
+Everything here is checked before any work starts and without loading a model: unknown tables and
+keys, wrong types, unknown step options (``workbench.steps.make_config``), values outside a
+field's ``choices`` metadata. Errors name the file, line (when it can be found) and table.key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkbenchError
+
+# The only step names the DAG knows: the step that turns (model, hooks, corpus) into a store, and
+# the per-hook steps whose output is an SAE (consumed by steps with a `sae` field). Everything else
+# is read from the config fields. (A dict so tests can point it at test-only steps.)
+ROLES = {"source": "collect", "sae": ("train_sae",)}
+
+SWEEP_KEYS = {"name", "workspace", "executor", "ray_address", "imports", "resources", "description"}
+MODEL_KEYS = {"spec", "name", "hooks"}
+EXECUTORS = ("local", "ray")
+SELECT_KEYS = {"models", "hooks"}
+PAIR_KEYS = {"within", "across"}
+# config fields the sweep fills in, by role; a user may not set them
+WIRED = {
+    "source": {"model", "hooks", "out"},
+    "per_hook": {"store", "hook", "out"},
+    "per_model": {"store", "hooks", "out"},
+    "per_sae": {"sae", "store", "hook", "out"},
+    "pair": {"store_a", "store_b", "hooks_a", "hooks_b", "out"},
+}
+
+
+class SweepError(WorkbenchError):
+    """A sweep file that cannot be run; the message lists every problem found."""
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    spec: str
+    hooks: list[str]
+    collect: dict[str, Any]        # collect options for this model (corpus + [collect] + own keys)
+    where: str                     # "[models] #i" for messages
+
+
+@dataclass
+class StepEntry:
+    step: str
+    role: str
+    variants: list[dict[str, Any]]  # grid-expanded option dicts
+    grid_keys: list[str]            # the options that vary (for labels)
+    models: list[str] | None
+    hooks: list[str] | None
+    within: bool | list[str] = True
+    across: list[tuple[str, str]] = field(default_factory=list)
+    where: str = ""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    workspace: str
+    executor: str
+    ray_address: str | None
+    imports: list[str]
+    resources: dict[str, dict[str, float]]
+    models: list[ModelEntry]
+    steps: list[StepEntry]
+    source: str                     # file path or "<dict>"
+    raw: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- locating lines
+class _Locator:
+    """Find the line of `[table]` / `key = ` in the TOML text, for messages."""
+
+    _HDR = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+
+    def __init__(self, text: str | None, source: str):
+        self.lines = text.splitlines() if text else []
+        self.source = source
+
+    def line(self, table: str, key: str | None = None, index: int | None = None) -> int | None:
+        if not self.lines:
+            return None
+        seen, inside, hdr_line = -1, False, None
+        for no, ln in enumerate(self.lines, 1):
+            m = self._HDR.match(ln)
+            if m:
+                name = m.group(2).replace('"', "").replace("'", "").strip()
+                if name == table:
+                    seen += 1
+                    inside = index is None or seen == index
+                    if inside:
+                        hdr_line = no
+                        if key is None:
+                            return no
+                else:
+                    inside = False
+                continue
+            if inside and key is not None and re.match(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", ln):
+                return no
+        return hdr_line
+
+    def at(self, table: str, key: str | None = None, index: int | None = None) -> str:
+        no = self.line(table, key, index)
+        return f"{self.source}:{no}: " if no else f"{self.source}: "
+
+
+def _didyoumean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _label(table: str, key: str | None = None, index: int | None = None) -> str:
+    t = f"[{table}]" if index is None else f"[[{table}]] #{index + 1}"
+    return t + (f".{key}" if key else "")
+
+
+# --------------------------------------------------------------------------- types
+def _unwrap(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if args else (Any, False)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return inner, True
+    return tp, False
+
+
+def _scalar_ok(v: Any, base) -> bool:
+    if base is Any or base is None:
+        return True
+    if base is bool:
+        return isinstance(v, bool)
+    if base is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if base is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if base is str:
+        return isinstance(v, str)
+    if isinstance(base, type):
+        return isinstance(v, base)
+    return True
+
+
+def _tname(base) -> str:
+    return getattr(base, "__name__", str(base))
+
+
+def step_fields(step: str) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    from ..steps import STEPS
+    cls = STEPS[step].config_cls
+    return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+
+
+def role_of(step: str) -> str | None:
+    if step == ROLES['source']:
+        return "source"
+    fields, _ = step_fields(step)
+    if "sae" in fields:
+        return "per_sae"
+    if "store_a" in fields:
+        return "pair"
+    if "store" in fields and "hook" in fields:
+        return "per_hook"
+    if "store" in fields:
+        return "per_model"
+    return None
+
+
+def _placeholder(base, is_list):
+    v = {str: "sweep-placeholder", int: 1, float: 1.0, bool: False}.get(base, "sweep-placeholder")
+    return [v] if is_list else v
+
+
+# --------------------------------------------------------------------------- loading
+def load(config: str | Path | dict[str, Any]) -> SweepSpec:
+    """Parse and validate a sweep (file path or dict). Raises SweepError listing every problem."""
+    if isinstance(config, dict):
+        raw, text, source, stem = config, None, "<sweep dict>", "sweep"
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise SweepError(f"sweep file {path} not found")
+        text = path.read_text()
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SweepError(f"{path}: not valid TOML: {e}") from None
+        source, stem = str(path), path.stem
+    return _Validator(raw, _Locator(text, source), stem).run()
+
+
+class _Validator:
+    def __init__(self, raw: dict, loc: _Locator, stem: str):
+        self.raw, self.loc, self.stem = raw, loc, stem
+        self.errors: list[str] = []
+
+    def err(self, msg: str, table: str, key: str | None = None, index: int | None = None):
+        self.errors.append(f"{self.loc.at(table, key, index)}{_label(table, key, index)}: {msg}")
+
+    def run(self) -> SweepSpec:
+        from .. import steps as steps_mod   # registers the built-in steps
+        raw = self.raw
+        sw = raw.get("sweep", {})
+        if not isinstance(sw, dict):
+            self.err("must be a table", "sweep")
+            sw = {}
+        for k in sorted(set(sw) - SWEEP_KEYS):
+            self.err(f"unknown key{_didyoumean(k, SWEEP_KEYS)}; valid keys: {', '.join(sorted(SWEEP_KEYS))}",
+                     "sweep", k)
+        imports = sw.get("imports", [])
+        if not (isinstance(imports, list) and all(isinstance(m, str) for m in imports)):
+            self.err("must be a list of module names", "sweep", "imports")
+            imports = []
+        for mod in imports:
+            try:
+                __import__(mod)
+            except Exception as e:   # noqa: BLE001 - reported as a sweep error
+                self.err(f"cannot import {mod!r}: {type(e).__name__}: {e}", "sweep", "imports")
+        name = sw.get("name", self.stem)
+        for key, val in (("name", name), ("workspace", sw.get("workspace", "ws")),
+                         ("ray_address", sw.get("ray_address", ""))):
+            if not isinstance(val, str):
+                self.err(f"must be a string, got {val!r}", "sweep", key)
+        if isinstance(name, str) and not name.strip():
+            self.err("must not be empty", "sweep", "name")
+        executor = sw.get("executor", "local")
+        if executor not in EXECUTORS:
+            self.err(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}", "sweep", "executor")
+        resources = sw.get("resources", {})
+        if not isinstance(resources, dict):
+            self.err("must be a table of step = {num_cpus = N, num_gpus = N}", "sweep", "resources")
+            resources = {}
+        for st, res in resources.items():
+            if st not in steps_mod.STEPS:
+                self.err(f"unknown step {st!r}{_didyoumean(st, steps_mod.STEPS)}; steps: "
+                         f"{', '.join(steps_mod.STEPS)}", "sweep", "resources")
+            elif not (isinstance(res, dict) and set(res) <= {"num_cpus", "num_gpus"}
+                      and all(_scalar_ok(v, float) and v >= 0 for v in res.values())):
+                self.err(f"{st}: expected {{num_cpus = N, num_gpus = N}}, got {res!r}", "sweep", "resources")
+
+        if ROLES['source'] not in steps_mod.STEPS:
+            raise SweepError(f"the {ROLES['source']!r} step is not available in this installation")
+        cfields, chints = step_fields(ROLES['source'])
+
+        # ---- collect options shared by every model: [corpus] then [collect]
+        shared: dict[str, Any] = {}
+        corpus = raw.get("corpus", {})
+        if not isinstance(corpus, dict):
+            self.err("must be a table", "corpus")
+            corpus = {}
+        for k, v in corpus.items():
+            fk = "corpus" if k == "spec" else k
+            if self._check_option(ROLES['source'], cfields, chints, fk, v, "corpus", k, grid=False):
+                shared[fk] = v
+        col = raw.get(ROLES['source'], {})
+        if not isinstance(col, dict):
+            self.err("must be a table (one set of collect options for every model)", ROLES['source'])
+            col = {}
+        for k, v in col.items():
+            if self._check_option(ROLES['source'], cfields, chints, k, v, ROLES['source'], k, grid=False):
+                shared[k] = v
+
+        # ---- models
+        models: list[ModelEntry] = []
+        mlist = raw.get("models")
+        if mlist is None:
+            self.errors.append(f"{self.loc.source}: no [[models]] table; add at least one "
+                               "([[models]] spec = \"smollm2-135m\" hooks = [...])")
+            mlist = []
+        elif isinstance(mlist, dict):
+            mlist = [mlist]
+        elif not isinstance(mlist, list):
+            self.err("must be an array of tables ([[models]])", "models")
+            mlist = []
+        names: set[str] = set()
+        for i, m in enumerate(mlist):
+            if not isinstance(m, dict):
+                self.err("must be a table", "models", index=i)
+                continue
+            spec = m.get("spec")
+            if not isinstance(spec, str) or not spec:
+                self.err("missing or not a string (a model spec, see `workbench models`)", "models", "spec", i)
+                continue
+            mname = m.get("name", _slug(spec))
+            if not isinstance(mname, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", mname):
+                self.err(f"must be a short name of letters, digits, '_', '-', '.', got {mname!r}",
+                         "models", "name", i)
+                continue
+            if mname in names:
+                self.err(f"duplicate model name {mname!r}; give each [[models]] a distinct name",
+                         "models", "name", i)
+            names.add(mname)
+            hooks = m.get("hooks")
+            if isinstance(hooks, str):
+                hooks = [hooks]
+            if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
+                self.err("must be a non-empty list of hook names or patterns", "models", "hooks", i)
+                hooks = []
+            own = dict(shared)
+            for k, v in m.items():
+                if k in MODEL_KEYS:
+                    continue
+                if self._check_option(ROLES['source'], cfields, chints, k, v, "models", k, grid=False, index=i,
+                                      extra_valid=MODEL_KEYS):
+                    own[k] = v
+            models.append(ModelEntry(mname, spec, hooks, own, _label("models", index=i)))
+        if models and "corpus" not in shared and cfields.get("corpus") is not None \
+                and cfields["corpus"].default is dataclasses.MISSING \
+                and cfields["corpus"].default_factory is dataclasses.MISSING:
+            self.errors.append(f"{self.loc.source}: [corpus].spec is required (e.g. spec = \"builtin\")")
+        if models:
+            self._precheck(ROLES['source'], "source", [{**models[0].collect}], ROLES['source'], None)
+
+        # ---- step tables
+        entries: list[StepEntry] = []
+        for table, body in raw.items():
+            if table in ("sweep", "models", "corpus", ROLES['source']):
+                continue
+            if table not in steps_mod.STEPS:
+                valid = ["sweep", "models", "corpus", *steps_mod.STEPS]
+                self.err(f"unknown table{_didyoumean(table, valid)}; valid tables: {', '.join(valid)}", table)
+                continue
+            role = role_of(table)
+            if role is None or role == "source":
+                self.err(f"step {table!r} takes no store/sae input, so it cannot be part of a sweep", table)
+                continue
+            bodies = body if isinstance(body, list) else [body]
+            for j, b in enumerate(bodies):
+                idx = j if isinstance(body, list) else None
+                if not isinstance(b, dict):
+                    self.err("must be a table", table, index=idx)
+                    continue
+                e = self._step_entry(table, role, b, idx, names)
+                if e is not None:
+                    entries.append(e)
+        # dependants of SAEs need an SAE producer in the sweep
+        if any(e.role == "per_sae" for e in entries) and not any(e.step in ROLES['sae'] for e in entries):
+            for e in entries:
+                if e.role == "per_sae":
+                    self.err(f"needs SAEs, but the sweep trains none (add a [{ROLES['sae'][0]}] table)", e.step)
+        if self.errors:
+            n = len(self.errors)
+            raise SweepError(f"sweep has {n} problem{'s' * (n > 1)}:\n  " + "\n  ".join(self.errors))
+        return SweepSpec(name=name, workspace=sw.get("workspace", "ws"), executor=executor,
+                         ray_address=sw.get("ray_address") or None, imports=imports,
+                         resources=resources, models=models, steps=entries,
+                         source=self.loc.source, raw=raw)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_option(self, step, fields, hints, fk, v, table, key, *, grid: bool,
+                      index=None, extra_valid=()) -> bool:
+        """Type/choices check of one option value (a list is a grid axis when grid=True)."""
+        role = role_of(step)
+        if fk not in fields:
+            valid = sorted(set(fields) - WIRED.get(role, set()) | set(extra_valid))
+            self.err(f"{step!r} has no option {fk!r}{_didyoumean(fk, valid)}; "
+                     f"valid: {', '.join(valid)}", table, key, index)
+            return False
+        if fk in WIRED.get(role, set()):
+            hint = {"hook": "select hooks with hooks = [...]", "hooks": "hooks are set per model in [[models]]",
+                    "model": "models are set in [[models]]"}.get(fk, "")
+            self.err(f"is set by the sweep (it wires steps together){'; ' + hint if hint else ''}",
+                     table, key, index)
+            return False
+        base, is_list = _unwrap(hints[fk])
+        values = [v]
+        if grid and isinstance(v, list) and (not is_list or (v and all(isinstance(x, list) for x in v))):
+            values = v
+            if not v:
+                self.err("empty list (a grid axis needs at least one value)", table, key, index)
+                return False
+        ok = True
+        choices = (fields[fk].metadata or {}).get("choices")
+        for x in values:
+            if is_list:
+                if not (isinstance(x, list) and all(_scalar_ok(y, base) for y in x)):
+                    self.err(f"expected a list of {_tname(base)}, got {x!r}", table, key, index)
+                    ok = False
+                    continue
+                items = x
+            else:
+                if not _scalar_ok(x, base):
+                    self.err(f"expected {_tname(base)}{' (or a list of them: a grid)' if grid else ''}, "
+                             f"got {x!r}", table, key, index)
+                    ok = False
+                    continue
+                items = [x]
+            if choices:
+                for y in items:
+                    if y not in choices:
+                        self.err(f"unknown value {y!r}; choose from {', '.join(map(str, choices))}",
+                                 table, key, index)
+                        ok = False
+        return ok
+
+    def _step_entry(self, step, role, body, idx, model_names) -> StepEntry | None:
+        fields, hints = step_fields(step)
+        n0 = len(self.errors)
+        sel_models = body.get("models")
+        if sel_models is not None:
+            if isinstance(sel_models, str):
+                sel_models = [sel_models]
+            if not (isinstance(sel_models, list) and all(isinstance(m, str) for m in sel_models)):
+                self.err("must be a list of model names", step, "models", idx)
+                sel_models = None
+            else:
+                for m in sel_models:
+                    if m not in model_names:
+                        self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
+                                 step, "models", idx)
+        sel_hooks = body.get("hooks") if role != "per_model" or "hooks" not in fields else None
+        if sel_hooks is not None:
+            if isinstance(sel_hooks, str):
+                sel_hooks = [sel_hooks]
+            if not (isinstance(sel_hooks, list) and all(isinstance(h, str) for h in sel_hooks)):
+                self.err("must be a list of hook names or patterns", step, "hooks", idx)
+                sel_hooks = None
+        within: bool | list[str] = True
+        across: list[tuple[str, str]] = []
+        if role == "pair":
+            within = body.get("within", True)
+            if isinstance(within, list):
+                for m in within:
+                    if m not in model_names:
+                        self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
+                                 step, "within", idx)
+            elif not isinstance(within, bool):
+                self.err("must be true, false or a list of model names", step, "within", idx)
+            a = body.get("across", [])
+            if a == "all":
+                pool = sel_models or sorted(model_names)
+                across = list(itertools.combinations(pool, 2))
+            elif isinstance(a, list) and all(isinstance(p, list) and len(p) == 2 for p in a):
+                for p in a:
+                    for m in p:
+                        if m not in model_names:
+                            self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
+                                     step, "across", idx)
+                    if p[0] == p[1]:
+                        self.err(f"pair {p!r} compares a model with itself; use within", step, "across", idx)
+                across = [tuple(p) for p in a]
+            else:
+                self.err('must be "all" or a list of [model_a, model_b] pairs', step, "across", idx)
+        special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set())
+        if role == "per_model" and "hooks" in fields:
+            special.discard("hooks")
+        axes: list[tuple[str, list[Any]]] = []
+        fixed: dict[str, Any] = {}
+        for k, v in body.items():
+            if k in special:
+                continue
+            fk = k
+            if k not in fields and k.endswith("s") and k[:-1] in fields:
+                fk = k[:-1]
+                if not isinstance(v, list):
+                    v = [v]
+                _, is_list = _unwrap(hints[fk])
+                if is_list:
+                    v = [x if isinstance(x, list) else [x] for x in v]
+            if not self._check_option(step, fields, hints, fk, v, step, k, grid=True, index=idx,
+                                      extra_valid=special):
+                continue
+            _, is_list = _unwrap(hints[fk])
+            if fk in fixed or fk in dict(axes):
+                self.err(f"option {fk!r} given twice", step, k, idx)
+                continue
+            if isinstance(v, list) and (not is_list or (v and all(isinstance(x, list) for x in v))):
+                axes.append((fk, v))
+            else:
+                fixed[fk] = v
+        variants = [dict(fixed, **dict(zip([a for a, _ in axes], combo)))
+                    for combo in itertools.product(*[vals for _, vals in axes])]
+        grid_keys = [a for a, vals in axes if len(vals) > 1]
+        if len(self.errors) > n0:
+            return None
+        self._precheck(step, role, variants, step, idx)
+        return StepEntry(step, role, variants, grid_keys, sel_models, sel_hooks, within, across,
+                         _label(step, index=idx))
+
+    def _precheck(self, step, role, variants, table, idx):
+        """make_config on every variant, wired fields filled with placeholders (catches missing
+        required options and whatever the config's own __post_init__ checks)."""
+        from ..steps import make_config
+        fields, hints = step_fields(step)
+        for var in variants:
+            vals = dict(var)
+            for fk in WIRED.get(role, ()):
+                if fk in fields:
+                    vals[fk] = _placeholder(*_unwrap(hints[fk]))
+            try:
+                make_config(step, vals)
+            except (WorkbenchError, ValueError, TypeError) as e:
+                what = ", ".join(f"{k}={v!r}" for k, v in var.items() if k not in WIRED.get(role, ()))
+                self.err(f"{e}" + (f" (for {what})" if what and len(variants) > 1 else ""), table, None, idx)
+                return
+
+
+def _slug(s: str, n: int = 48) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.\-]+", "_", s).strip("_.")
+    return s[:n] or "x"

@@ -1,0 +1,168 @@
+"""Workspace page: what the workspace holds (stores, SAEs, results) and the runs that made it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from workbench.ui import common
+
+
+def _corpus_text(c) -> str:
+    if isinstance(c, dict):
+        return str(c.get("spec") or c.get("name") or c)[:60]
+    return "" if c is None else str(c)[:60]
+
+
+def _store_rows(ws) -> list[dict]:
+    rows = []
+    for p in ws.list_stores():
+        key = common.stamp(p, "manifest.json")
+        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key)),
+               "model": None, "hooks": "", "rows": None, "sequences": None, "seq_len": None,
+               "dtype": None, "corpus": "", "status": ""}
+        try:
+            info = common.store_info(str(p), key)
+            hooks = info.get("hooks") or []
+            if isinstance(hooks, dict):
+                hook_txt = ", ".join(f"{h} (d={d})" for h, d in hooks.items())
+            else:
+                hook_txt = ", ".join(str(h) if not isinstance(h, dict) else
+                                     f"{h.get('name')} (d={h.get('d')})" for h in hooks)
+            row.update({"model": info.get("model") or info.get("model_name"),
+                        "hooks": hook_txt,
+                        "rows": info.get("n_rows"), "sequences": info.get("n_seq"),
+                        "seq_len": info.get("seq_len"), "dtype": info.get("dtype"),
+                        "corpus": _corpus_text(info.get("corpus")), "status": "ok"})
+        except Exception as e:  # noqa: BLE001 - one bad store must not hide the others
+            row["status"] = f"unreadable: {common.error_message(e)}"
+        rows.append(row)
+    return rows
+
+
+def _sae_rows(ws) -> list[dict]:
+    rows = []
+    for p in ws.list_saes():
+        key = common.stamp(p, "cfg.json")
+        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key)),
+               "architecture": None, "d_in": None, "d_sae": None, "k": None, "model": None,
+               "hook": None, "status": ""}
+        try:
+            cfg = json.loads((p / "cfg.json").read_text())
+            md = cfg.get("metadata") or {}
+            row.update({"architecture": cfg.get("architecture"), "d_in": cfg.get("d_in"),
+                        "d_sae": cfg.get("d_sae"), "k": cfg.get("k"),
+                        "model": md.get("model_name"), "hook": md.get("hook_name"),
+                        "status": "ok" if (p / "sae_weights.safetensors").exists()
+                        else "missing sae_weights.safetensors"})
+        except Exception as e:  # noqa: BLE001
+            row["status"] = f"unreadable cfg.json: {common.error_message(e)}"
+        rows.append(row)
+    return rows
+
+
+def _result_rows(ws) -> list[dict]:
+    rows = []
+    if not ws.results.exists():
+        return rows
+    for p in sorted(ws.results.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        key = common.stamp(p, "result.json")
+        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key))}
+        if not (p / "result.json").exists():
+            row.update({"kind": "", "status": "incomplete (no result.json): rerun the step"})
+        else:
+            try:
+                meta = common.result_meta(str(p), key)
+                row.update({"kind": meta.get("kind"), "version": meta.get("version"),
+                            "figures": ", ".join((meta.get("figures") or {}).keys()),
+                            "status": "ok"})
+            except Exception as e:  # noqa: BLE001
+                row.update({"kind": "", "status": f"unreadable: {common.error_message(e)}"})
+        rows.append(row)
+    return rows
+
+
+def _fmt_metrics(m: dict) -> str:
+    out = []
+    for k, v in list(m.items())[:6]:
+        out.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(out)
+
+
+def _runs_frame(runs) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "id": r.id, "step": r.step, "status": r.status, "started": common.ago(r.started),
+        "seconds": None if r.seconds is None else round(r.seconds, 2),
+        "metrics": _fmt_metrics(r.metrics),
+        "artifacts": ", ".join(r.artifacts.values()),
+        "error": (r.error or "").splitlines()[0] if r.error else "",
+        "sweep": r.sweep or "",
+    } for r in runs])
+
+
+def body() -> None:
+    st.title("Workspace")
+    ws = common.open_workspace()
+    if ws is None:
+        return
+    st.caption(f"`{ws.root}`")
+    stores, saes, results, runs = _store_rows(ws), _sae_rows(ws), _result_rows(ws), ws.runs()
+    c = st.columns(4)
+    c[0].metric("Activation stores", len(stores))
+    c[1].metric("SAEs", len(saes))
+    c[2].metric("Results", len(results))
+    c[3].metric("Runs", len(runs),
+                delta=f"{sum(r.status == 'failed' for r in runs)} failed" if any(
+                    r.status == "failed" for r in runs) else None, delta_color="inverse")
+    if not (stores or saes or results or runs):
+        common.empty_workspace_help(ws.root)
+        return
+
+    st.subheader("Activation stores")
+    if stores:
+        st.dataframe(pd.DataFrame(stores), hide_index=True, width="stretch", key="ws_stores")
+    else:
+        st.caption("none yet: `workbench collect ...` or the Run page")
+    st.subheader("SAEs")
+    if saes:
+        st.dataframe(pd.DataFrame(saes), hide_index=True, width="stretch", key="ws_saes")
+    else:
+        st.caption("none yet: `workbench train-sae ...` or the Run page")
+    st.subheader("Results")
+    if results:
+        st.dataframe(pd.DataFrame(results), hide_index=True, width="stretch", key="ws_results")
+    else:
+        st.caption("none yet")
+
+    st.subheader("Runs")
+    if not runs:
+        st.caption("no runs recorded")
+        return
+    c1, c2 = st.columns(2)
+    steps = sorted({r.step for r in runs})
+    step = c1.selectbox("Step", ["(all)", *steps], key="ws_run_step")
+    status = c2.selectbox("Status", ["(all)", "running", "done", "failed"], key="ws_run_status")
+    shown = [r for r in runs if (step == "(all)" or r.step == step)
+             and (status == "(all)" or r.status == status)]
+    st.dataframe(_runs_frame(shown), hide_index=True, width="stretch", key="ws_runs")
+    if shown:
+        rid = st.selectbox("Run details", [r.id for r in shown],
+                           format_func=lambda i: next(f"{r.id}  {r.step}  {r.status}"
+                                                      for r in shown if r.id == i),
+                           key="ws_run_detail")
+        run = next(r for r in shown if r.id == rid)
+        if run.error:
+            st.warning(f"run {run.id} failed: {run.error.splitlines()[0]}")
+        st.json(run.to_dict(), expanded=False)
+
+
+def render() -> None:
+    common.guard(body)
+
+
+if __name__ == "__main__":
+    render()
