@@ -7,9 +7,11 @@ Activation-based panels (``FeatureStatsAccumulator``), from batches of latent ac
 - firing count (a latent fires on a token when its activation is > 0), density = count / n_tokens,
   max activation, mean activation over the firing tokens;
 - top-k activating rows per latent: a running merge. Per chunk only the entries >= the latent's
-  current k-th best value are candidates; candidates and the state of the touched latents are
-  sorted by (latent, value descending, row ascending) and the first k of each latent kept, so ties
-  go to the lower row id and the result does not depend on batch order or batch size;
+  current k-th best value are candidates; candidates are buffered, and when the buffer is as large
+  as the state, buffer + state of the touched latents are sorted by (latent, value descending, row
+  ascending) — one int64 sort of packed (latent, value bits) keys, a stable re-sort by row only
+  when values tie — and the first k of each latent kept. Ties go to the lower row id; the result
+  does not depend on batch order or batch size;
 - activation-range buckets: ``n_buckets`` equal-width bins over (0, max], ``per_bucket`` examples
   each, drawn uniformly at random inside the bin. The max is only known after a full pass, so this
   is a SECOND pass over the same rows (the honest way: the bins are exact). The sample of a bin is
@@ -35,7 +37,7 @@ Usage::
 
     acc = FeatureStatsAccumulator(d_sae, n_top=20)
     for p in range(acc.n_passes):           # 2 passes (1 when n_buckets == 0 and hist_bins == 0)
-        for acts, row_ids in make_batches():  # SAME rows both passes, any order
+        for acts, row_ids in make_batches():  # SAME rows and values each pass, any order
             acc.update(acts, row_ids)
         acc.end_pass()
     stats = acc.result()                    # FeatureStats
@@ -390,11 +392,11 @@ def logit_table(W_dec: torch.Tensor, W_U: torch.Tensor, k: int = 10, bins: int =
         out["bottom_values"].append(bt.values)
         lo, hi = L.min(1).values, L.max(1).values
         out["hist_range"].append(torch.stack([lo, hi], 1))
-        if bins:
-            width = (hi - lo).clamp(min=1e-30)
-            hb = ((L - lo[:, None]) / width[:, None] * bins).floor().long().clamp(0, bins - 1)
-            hb += torch.arange(L.shape[0], device=L.device)[:, None] * bins
-            out["hist_counts"].append(torch.bincount(hb.reshape(-1), minlength=L.shape[0] * bins).reshape(-1, bins))
+        if bins:   # in place on L (no longer needed): bin = floor((x - lo) / (hi - lo) * bins)
+            scale = bins / (hi - lo).clamp(min=1e-30)
+            hb = L.sub_(lo[:, None]).mul_(scale[:, None]).long()      # >= 0, so truncation = floor
+            hb.clamp_(max=bins - 1).add_(torch.arange(L.shape[0], device=L.device)[:, None] * bins)
+            out["hist_counts"].append(torch.bincount(hb.view(-1), minlength=L.shape[0] * bins).view(-1, bins))
         else:
             out["hist_counts"].append(torch.zeros((L.shape[0], 0), dtype=torch.long, device=L.device))
     return {n: torch.cat(v) for n, v in out.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,10 +32,28 @@ import torch
 
 from ._util import as_tensor, check_finite_rows, is_batch_iterable, resolve_device
 
-__all__ = ["PCA", "MomentAccumulator", "svd_flip_rows"]
+__all__ = ["PCA", "MomentAccumulator", "svd_flip_rows", "small_linalg"]
 
 CHUNK_ROWS = 8192          # rows per float64 product (bounds memory; cache friendly on CPU)
 FORMAT = "workbench-pca"
+
+
+@contextmanager
+def small_linalg(t: torch.Tensor, max_d: int = 4096):
+    """Run CPU LAPACK calls on small (d <= max_d) matrices single-threaded.
+
+    Multi-threaded eigh/svd of a few-hundred-wide matrix gains little on an idle machine but slows
+    down 20x or more when the cores are shared (OpenMP threads waiting on each other): measured
+    4-6 s vs 0.2 s for a 576 x 576 eigh on a busy 2-core machine. GEMMs keep all threads."""
+    if t.device.type != "cpu" or t.shape[-1] > max_d or torch.get_num_threads() == 1:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _as_batch(b: Any) -> torch.Tensor:
@@ -252,7 +271,8 @@ class PCA:
     def _finish_exact(self, acc: MomentAccumulator) -> "PCA":
         n, d, k = acc.n, acc.d, self.n_components
         C = acc.covariance()
-        evals, evecs = torch.linalg.eigh(C)
+        with small_linalg(C):
+            evals, evecs = torch.linalg.eigh(C)
         evals = evals.flip(0).clamp_min(0.0)
         evecs = evecs.flip(1)
         V = svd_flip_rows(evecs[:, :k].T.contiguous())
@@ -292,12 +312,12 @@ class PCA:
         omega = torch.randn(d, l, generator=g, dtype=torch.float64).to(dev, cdt)
         Q = Xc @ omega
         for _ in range(self._power_iters(k, d)):
-            Q, _ = torch.linalg.qr(Q)
-            Z, _ = torch.linalg.qr(Xc.T @ Q)
-            Q = Xc @ Z
-        Q, _ = torch.linalg.qr(Q)
+            Q = _orth(Q)
+            Q = Xc @ _orth(Xc.T @ Q)
+        Q = _orth(Q)
         B = (Q.T @ Xc).to(torch.float64)                   # [l, d]
-        _, S, Vt = torch.linalg.svd(B, full_matrices=False)
+        with small_linalg(B[:, :0] if d > 4096 else B):
+            _, S, Vt = torch.linalg.svd(B, full_matrices=False)
         V = svd_flip_rows(Vt[:k].contiguous())
         ev = S[:k] ** 2 / (n - 1)
         total = float((Xc.to(torch.float64) ** 2).sum() / (n - 1)) if n * d < 5e7 else \
@@ -318,7 +338,8 @@ class PCA:
             Q, _ = torch.linalg.qr(Q)
             Q = C @ Q
         Q, _ = torch.linalg.qr(Q)
-        w, U = torch.linalg.eigh(Q.T @ C @ Q)
+        with small_linalg(C):
+            w, U = torch.linalg.eigh(Q.T @ C @ Q)
         w, U = w.flip(0), U.flip(1)
         V = svd_flip_rows((Q @ U[:, :k]).T.contiguous())
         self._set(V, w[:k].clamp_min(0.0), acc.mean(), n, d, float(torch.diagonal(C).sum()))
@@ -413,6 +434,22 @@ class PCA:
     def __repr__(self) -> str:
         fitted = f", fitted on {self.n_samples_} x {self.n_features_in_}" if hasattr(self, "components_") else ""
         return f"PCA(n_components={self.n_components}, method={self.method!r}, whiten={self.whiten}{fitted})"
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a tall Y by CholeskyQR2 (two GEMM-based passes: fast on
+    CPU and GPU, unlike Householder QR of a tall matrix); Householder QR when Cholesky fails."""
+    Q = Y
+    for _ in range(2):
+        G = (Q.T @ Q).to(torch.float64)
+        with small_linalg(G):
+            L, info = torch.linalg.cholesky_ex(G)
+            if int(info) != 0:
+                return torch.linalg.qr(Y)[0]
+            Rinv = torch.linalg.solve_triangular(L.T, torch.eye(G.shape[0], dtype=G.dtype, device=G.device),
+                                                 upper=True)
+        Q = Q @ Rinv.to(Q.dtype)
+    return Q
 
 
 def _chunked_mean(X: torch.Tensor, dev: torch.device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ._util import as_tensor
-from .pca import CHUNK_ROWS, MomentAccumulator, svd_flip_rows
+from .pca import CHUNK_ROWS, MomentAccumulator, small_linalg, svd_flip_rows
 
 __all__ = ["linear_cka", "rbf_cka", "minibatch_cka", "cca", "svcca", "pwcca",
            "procrustes_distance", "mutual_knn", "similarity_matrix", "METRICS"]
@@ -232,7 +232,8 @@ class _CCASide:
         if self.k:
             Ck = Cs[self.idx][:, self.idx] + epsilon * torch.eye(self.k, dtype=F64, device=C.device)
             # pinv (cut-off 1e-15 * largest) then the symmetric square root, via one eigh
-            w, V = torch.linalg.eigh(Ck)
+            with small_linalg(Ck):
+                w, V = torch.linalg.eigh(Ck)
             w_inv = torch.where(w > PINV_RCOND * w.abs().max(), 1.0 / w, torch.zeros_like(w))
             self.W = (V * torch.sqrt(w_inv.clamp_min(0.0))) @ V.T
 
@@ -245,10 +246,11 @@ def _cca_core(sx: _CCASide, sy: _CCASide, Cxy: torch.Tensor, vectors: bool = Fal
         return (z, None, None) if vectors else z
     C = Cxy[sx.idx][:, sy.idx] / math.sqrt(sx.scale * sy.scale)
     arr = sx.W @ C @ sy.W
-    if vectors:
-        u, s, vh = torch.linalg.svd(arr, full_matrices=False)
-        return s.abs(), u, vh
-    return torch.linalg.svdvals(arr).abs()
+    with small_linalg(arr):
+        if vectors:
+            u, s, vh = torch.linalg.svd(arr, full_matrices=False)
+            return s.abs(), u, vh
+        return torch.linalg.svdvals(arr).abs()
 
 
 def _check_cca_rows(n: int, p: int, q: int, what: str) -> None:
@@ -293,7 +295,8 @@ class _SVSide:
     """SVCCA's first step for one side: top-k principal directions of the centred data."""
 
     def __init__(self, C: torch.Tensor, keep: int | float, side: str, epsilon: float):
-        w, V = torch.linalg.eigh(C)
+        with small_linalg(C):
+            w, V = torch.linalg.eigh(C)
         w, V = w.flip(0), V.flip(1)
         self.k = _n_keep(w, keep, side, C.shape[0])
         self.V = V[:, :self.k]
@@ -370,12 +373,14 @@ def _pwcca_pair(sx: _PWSide, sy: _PWSide, Sxy: torch.Tensor, data=None) -> float
     nmm = n * torch.outer(mk, mk)
     HHt = WC @ Wt.T + nmm
     HAt = WC + nmm
-    L, info = torch.linalg.cholesky_ex((HHt + HHt.T) * 0.5)
-    if int(info) == 0:
-        G = torch.linalg.solve_triangular(L, HAt, upper=False)
-    else:
+    with small_linalg(HHt):
+        L, info = torch.linalg.cholesky_ex((HHt + HHt.T) * 0.5)
+        G = torch.linalg.solve_triangular(L, HAt, upper=False) if int(info) == 0 else None
+    if G is None:
         if data is None:
             raise ValueError("pwcca: the projected directions are rank deficient")
+        if callable(data):
+            data = data()
         A = data[which].to(F64)[:, idx]                         # [n, k] rows = datapoints
         Ht = (A - mk) @ Wt.T + mk                                 # H^T [n, k]
         P, _ = torch.linalg.qr(Ht)
@@ -396,7 +401,8 @@ def procrustes_distance(X: Any, Y: Any) -> float:
 
 
 def _procrustes_from(Sxx, Syy, Sxy) -> float:
-    nuc = float(torch.linalg.svdvals(Sxy).sum())
+    with small_linalg(Sxy):
+        nuc = float(torch.linalg.svdvals(Sxy).sum())
     den = math.sqrt(max(float(torch.trace(Sxx)), 0.0)) * math.sqrt(max(float(torch.trace(Syy)), 0.0))
     if den == 0:
         return float("nan")
@@ -465,12 +471,15 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
     a centred RBF Gram) are computed once; per pair only the p x q cross-product (or an n x n inner
     product for rbf_cka) is formed. Cross-products are computed in ``dtype`` ("float32": twice as
     fast on CPU; agrees with the single-pair float64 functions to ~1e-6) over row chunks summed in
-    float64; use "float64" for full precision. Returns a float64 CPU tensor [len(a), len(b)].
+    float64; use "float64" for full precision. Procrustes always uses float64 (the arccos near 0
+    would turn float32 rounding into ~1e-4 rad). Returns a float64 CPU tensor [len(a), len(b)].
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     sym = reps_b is None
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if metric == "procrustes":
+        dt = F64     # arccos(1 - delta) ~ sqrt(2 delta): float32 products would cost ~1e-4 rad near 0
     A = [as_tensor(r, name=f"reps_a[{i}]") for i, r in enumerate(reps_a)]
     B = A if sym else [as_tensor(r, name=f"reps_b[{j}]") for j, r in enumerate(reps_b)]
     if not A or not B:
@@ -506,12 +515,13 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
             if metric == "mutual_knn":
                 return _knn(X, k)
             Kc = _center_gram(_gram_rbf(X, threshold), False)
-            return Kc / torch.linalg.norm(Kc)
+            return (Kc / torch.linalg.norm(Kc)).to(dt)     # n x n per representation: keep it small
         PA = [prep(x) for x in A]
         PB = PA if sym else [prep(x) for x in B]
         for i in range(na):
             for j in range(i if sym else 0, nb):
-                v = _knn_overlap(PA[i], PB[j]) if metric == "mutual_knn" else float((PA[i] * PB[j]).sum())
+                v = _knn_overlap(PA[i], PB[j]) if metric == "mutual_knn" else \
+                    float((PA[i].to(F64) * PB[j].to(F64)).sum())
                 M[i, j] = v
                 if sym:
                     M[j, i] = v
@@ -529,9 +539,23 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
                 if n <= r.shape[1]:
                     _check_cca_rows(n, r.shape[1], r.shape[1], f"pwcca ({name}[{i}])")
 
-    def side(X):
-        Xc, mean = _centred(X.to(dev), dt)
-        S = torch.zeros((X.shape[1], X.shape[1]), dtype=F64, device=dev)
+    def block(reps):
+        """All centred representations side by side in one [n, sum d] matrix (views per hook), so
+        that one GEMM per hook covers all its pairs without copying."""
+        widths = [int(r.shape[1]) for r in reps]
+        offs = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        Z = torch.empty((n, int(offs[-1])), dtype=dt, device=dev)
+        means = []
+        for j, r in enumerate(reps):
+            c, mean = _centred(r.to(dev), dt)
+            Z[:, offs[j]:offs[j + 1]] = c
+            means.append(mean)
+            del c
+        return Z, offs, means
+
+    def side(Z, off, w, mean):
+        Xc = Z[:, off:off + w]
+        S = torch.zeros((w, w), dtype=F64, device=dev)
         for s in range(0, n, CHUNK_ROWS):
             c = Xc[s:s + CHUNK_ROWS]
             S += (c.T @ c).to(F64)
@@ -544,10 +568,13 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
             info["pw"] = _PWSide(S, mean, n, epsilon)
         return info
 
-    SA = [side(x) for x in A]
-    SB = SA if sym else [side(x) for x in B]
-    widths = [s["Xc"].shape[1] for s in SB]
-    offs = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    ZB, offs, mB = block(B)
+    SB = [side(ZB, offs[j], offs[j + 1] - offs[j], mB[j]) for j in range(nb)]
+    if sym:
+        SA = SB
+    else:
+        ZA, offa, mA = block(A)
+        SA = [side(ZA, offa[i], offa[i + 1] - offa[i], mA[i]) for i in range(na)]
 
     def score(a, b, Sab):
         if metric == "linear_cka":
@@ -558,16 +585,16 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
             return _procrustes_from(a["S"], b["S"], Sab)
         if metric == "svcca":
             return _svcca_pair(a["sv"], b["sv"], Sab / (n - 1))
-        return _pwcca_pair(a["pw"], b["pw"], Sab, data=(a["Xc"], b["Xc"]))
+        return _pwcca_pair(a["pw"], b["pw"], Sab,
+                           data=lambda: (a["Xc"].to(F64) + a["mean"], b["Xc"].to(F64) + b["mean"]))
 
     for i in range(na):
         j0 = i if sym else 0
-        Zb = torch.cat([SB[j]["Xc"] for j in range(j0, nb)], 1) if nb - j0 > 1 else SB[j0]["Xc"]
+        Zb = ZB[:, int(offs[j0]):]                 # a view: hooks j0.. of side B
         acc = torch.zeros((SA[i]["Xc"].shape[1], Zb.shape[1]), dtype=F64, device=dev)
         Xa = SA[i]["Xc"]
         for s in range(0, n, CHUNK_ROWS):
             acc += (Xa[s:s + CHUNK_ROWS].T @ Zb[s:s + CHUNK_ROWS]).to(F64)
-        del Zb
         for j in range(j0, nb):
             Sab = acc[:, offs[j] - offs[j0]: offs[j + 1] - offs[j0]]
             if sym and j == i:

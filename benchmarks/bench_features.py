@@ -92,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    print(f"device: {device_name(dev)}; torch {torch.__version__}")
+    print(f"device: {device_name(dev)}; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"SAE: topk (random weights) d_in={args.d_in} d_sae={args.d_sae} k={args.k}; "
           f"{args.tokens} tokens; vocab {args.vocab}")
     torch.manual_seed(0)
@@ -108,15 +108,15 @@ def main() -> None:
         # ---- ours
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t = time.time()
+        t, c = time.time(), time.process_time()
         meta, tensors, _ = compute_features(sae, store, hook=HOOK, batch_size=args.batch_size, W_U=W_U,
                                             device=str(dev))
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        ours = time.time() - t
+        ours, ours_cpu = time.time() - t, time.process_time() - c
         tm = meta["timing"]
         size = sum(v.numel() * v.element_size() for v in tensors.values())
-        print(f"ours: {ours:.1f}s total for all {args.d_sae} latents "
+        print(f"ours: {ours:.1f}s wall ({ours_cpu:.1f}s process CPU) total for all {args.d_sae} latents "
               f"(2 passes {tm['stats_s']:.1f}s of which SAE encode {tm['encode_s']:.1f}s; "
               f"weight panels incl. logit table {tm['weights_s']:.1f}s); result tensors {size / 2**20:.0f} MiB; "
               f"dead {meta['dead_fraction']:.3f}, L0 {meta['mean_l0']:.1f}")
@@ -124,7 +124,7 @@ def main() -> None:
         # ---- (a) naive streaming per latent
         x_chunks = [(s, min(s + args.batch_size, args.tokens)) for s in range(0, args.tokens, args.batch_size)]
         gen = torch.Generator().manual_seed(0)
-        t = time.time()
+        t, c = time.time(), time.process_time()
         for f in range(args.naive_latents):
             col = torch.empty(args.tokens)
             with torch.no_grad():
@@ -132,10 +132,12 @@ def main() -> None:
                     col[s:e] = sae.encode(store.read(HOOK, s, e, device=dev, dtype=torch.float32))[:, f].cpu()
             naive_stats(col, gen=gen)
         per_latent = (time.time() - t) / args.naive_latents
+        per_latent_cpu = (time.process_time() - c) / args.naive_latents
         naive_a = per_latent * args.d_sae
-        print(f"naive (a) streaming per latent: {per_latent:.2f}s/latent on {args.naive_latents} latents -> "
-              f"{naive_a:.0f}s = {naive_a / 3600:.1f} h extrapolated to {args.d_sae} latents; "
-              f"ratio {naive_a / ours:.0f}x")
+        print(f"naive (a) streaming per latent: {per_latent:.2f}s/latent ({per_latent_cpu:.2f}s CPU) on "
+              f"{args.naive_latents} latent(s) -> {naive_a:.0f}s = {naive_a / 3600:.1f} h extrapolated to "
+              f"{args.d_sae} latents; ratio {naive_a / ours:.0f}x wall, "
+              f"{per_latent_cpu * args.d_sae / ours_cpu:.0f}x CPU")
 
         # ---- (b) naive over a dense cached matrix (subset of tokens)
         nd = min(args.dense_tokens, args.tokens)
@@ -143,16 +145,18 @@ def main() -> None:
             A = torch.cat([sae.encode(store.read(HOOK, s, min(s + 2048, nd), device=dev, dtype=torch.float32)).cpu()
                            for s in range(0, nd, 2048)])
         m = min(args.dense_latents, args.d_sae)
-        t = time.time()
+        t, c = time.time(), time.process_time()
         for f in range(m):
             naive_stats(A[:, f].clone(), gen=gen)
         per = (time.time() - t) / m
+        per_cpu = (time.process_time() - c) / m
         naive_b = per * args.d_sae * (args.tokens / nd)
         del A
         print(f"naive (b) dense cached matrix ({nd} tokens x {args.d_sae} latents = "
               f"{nd * args.d_sae * 4 / 2**30:.2f} GiB, encode not timed): {per * 1e3:.2f} ms/latent on {m} latents "
               f"-> {naive_b:.0f}s extrapolated to {args.d_sae} latents x {args.tokens} tokens "
-              f"(linear in tokens; needs {args.tokens * args.d_sae * 4 / 2**30:.1f} GiB); ratio {naive_b / ours:.1f}x "
+              f"(linear in tokens; needs {args.tokens * args.d_sae * 4 / 2**30:.1f} GiB); ratio {naive_b / ours:.1f}x wall, "
+              f"{per_cpu * args.d_sae * (args.tokens / nd) / ours_cpu:.1f}x CPU "
               f"(no logit table / neighbours in the baseline)")
 
 

@@ -63,6 +63,8 @@ def main() -> int:
     # pay the heavy imports before timing (a real session has them too)
     import workbench.models  # noqa: F401
     import workbench.collect  # noqa: F401
+    import transformers  # noqa: F401
+    import transformer_lens  # noqa: F401
 
     spent: dict[str, float] = {"fn": 0.0}
     for st in steps.STEPS.values():

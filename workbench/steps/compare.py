@@ -125,7 +125,7 @@ def _pool(store, hook: str, doc_of_row: torch.Tensor, docs: torch.Tensor, batch:
         sums.index_add_(0, s[ok], b[ok].to(torch.float64))
         counts.index_add_(0, s[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
         start = stop
-    return (sums / counts.clamp_min(1)[:, None]).to(torch.float32)
+    return sums / counts.clamp_min(1)[:, None]          # float64 (documents are few)
 
 
 def _same_tokens(sa, sb) -> tuple[bool, str]:

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..workspace import Workspace
 from .dag import Node, Plan, is_complete, node_index_key, plan as make_plan

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import itertools
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
+
+try:
+    import tomllib
+except ImportError:          # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 # The only step names the DAG knows: the step that turns (model, hooks, corpus) into a store, and
 # the per-hook steps whose output is an SAE (consumed by steps with a `sae` field). Everything else

@@ -44,6 +44,8 @@ def streamlit_command(workspace: str | os.PathLike, port: int = 8501,
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
         "--browser.serverAddress", host,
+        "--client.showErrorDetails", "type",
+        "--client.toolbarMode", "minimal",
         "--",
         "--workspace", ws,
     ]

@@ -303,13 +303,22 @@ def highlight_html(tokens: list[str], acts: list[float], vmax: float | None = No
 def select_result(ws: Workspace, kind: str, label: str, key: str, what: str) -> Path | None:
     """A selectbox over the workspace's results of one kind; guidance when there are none."""
     paths = ws.list_results(kind)
+    qp = st.query_params.get(key)
+    if qp and qp not in [p.name for p in paths]:
+        bad = ws.results / qp
+        if bad.is_dir() and not (bad / "result.json").exists():
+            st.error(f"Result **{qp}** is incomplete (no result.json): it is still being written or "
+                     "its step was interrupted; rerun the step that makes it.", icon=":material/error:")
+        elif bad.is_dir():
+            st.error(f"Result **{qp}** is not a {kind} result.", icon=":material/error:")
+        else:
+            st.error(f"There is no result **{qp}** in this workspace.", icon=":material/error:")
     if not paths:
         st.info(f"No **{kind}** results in this workspace yet. {what}\n\nOr run the whole "
                 f"pipeline once: `workbench demo --workspace {ws.root} --no-app`.",
                 icon=":material/info:")
         return None
     names = [p.name for p in paths]
-    qp = st.query_params.get(key)
     if key not in st.session_state and qp in names:
         st.session_state[key] = qp
     if st.session_state.get(key) not in names:

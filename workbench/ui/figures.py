@@ -52,14 +52,20 @@ def heatmap(matrix, x_labels: Sequence[str], y_labels: Sequence[str], title: str
     is a plotly point selection (heatmap traces do not emit selections themselves)."""
     z = np.asarray(matrix, dtype=float)
     xl, yl = [str(s) for s in x_labels], [str(s) for s in y_labels]
+    hover = "row %{y}<br>col %{x}<br>" + (metric or "value") + " = %{customdata:.4f}<extra></extra>"
     fig = go.Figure(go.Heatmap(z=z, x=xl, y=yl, colorscale="Viridis", colorbar=dict(title=metric),
-                               hovertemplate="row %{y}<br>col %{x}<br>" + (metric or "value")
-                               + " = %{z:.4f}<extra></extra>"))
+                               hoverinfo="skip" if clickable else None,
+                               hovertemplate=None if clickable else
+                               hover.replace("%{customdata", "%{z")))
     if clickable:
+        # one (nearly invisible) marker per cell carries hover and click: the nearest cell centre
+        # answers wherever the pointer is (hoverdistance -1)
         xs = [x for _ in yl for x in xl]
         ys = [y for y in yl for _ in xl]
-        fig.add_scatter(x=xs, y=ys, mode="markers", marker=dict(size=18, opacity=0.01, color="#000"),
-                        hoverinfo="skip", showlegend=False, name="cells")
+        fig.add_scatter(x=xs, y=ys, mode="markers", customdata=z.ravel(),
+                        marker=dict(size=14, opacity=0.01, color="#000"),
+                        hovertemplate=hover, showlegend=False, name="cells")
+        fig.update_layout(hoverdistance=-1)
     if len(yl) * len(xl) <= 400:
         fig.update_traces(selector=dict(type="heatmap"), texttemplate="%{z:.2f}",
                           textfont=dict(size=10))
@@ -76,6 +82,14 @@ def density_histogram(log10_density: Sequence[float], title: str = "Latent densi
     fig.update_layout(title=title, xaxis_title="log10 firing density", yaxis_title="latents",
                       height=300, margin=_MARGIN)
     return fig
+
+
+def png_available() -> bool:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def png_bytes(fig: go.Figure) -> bytes | None:

@@ -230,7 +230,8 @@ def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str
                              "there any more; the scatter needs its tokens")
     c1, c2, c3, c4 = st.columns([1, 1, 2, 2])
     dim = c1.radio("View", ["2-D", "3-D"], horizontal=True, key="act_dim")
-    max_points = c2.selectbox("Points", [1000, 3000, 10000], index=1, key="act_points")
+    max_points = c2.selectbox("Points", [500, 1000, 2000, 5000], index=2, key="act_points",
+                              help="at most the rows the pca step sampled (its --sample)")
     color = c3.selectbox("Colour by", COLOR_BY, key="act_color")
     df = point_table(str(path), common.stamp(path, "result.json"), str(store_path),
                      common.stamp(store_path, "manifest.json"), int(max_points))

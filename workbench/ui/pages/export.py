@@ -9,6 +9,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -96,17 +97,18 @@ def sae_section(ws) -> None:
     ready = st.session_state.get("exp_ready")
     if ready and ready[0] == name and ready[1] == fmt and Path(ready[2]).exists():
         folder = Path(ready[2])
-        data = _zip_cached(str(folder), common.stamp(folder, "cfg.json") + len(list(folder.rglob("*"))))
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        st.download_button(f"Download {name}-{fmt}.zip ({common.human_size(len(data))})", data,
+        key = common.stamp(folder, "cfg.json") + len(files)
+        st.download_button(f"Download {name}-{fmt}.zip ({common.human_size(common.folder_size(folder))}"
+                           " before compression)", lambda: _zip_cached(str(folder), key),
                            file_name=f"{name}-{fmt}.zip", mime="application/zip", key="exp_dl_sae",
                            type="primary")
         st.caption("contents: " + ", ".join(files[:20]))
 
 
-def figure_section(ws) -> None:
-    st.subheader("Figures")
-    rows = []
+def _figure_sources(ws) -> list[tuple[str, Any]]:
+    """(label, source): a figure file a step saved, or a builder of a figure the UI draws."""
+    out: list[tuple[str, Any]] = []
     for p in ws.list_results():
         try:
             meta = common.read_result_checked(p)
@@ -115,94 +117,103 @@ def figure_section(ws) -> None:
         for fname, file in (meta.get("figures") or {}).items():
             f = p / file
             if f.exists():
-                rows.append((p.name, meta.get("kind"), fname, f))
-    if not rows:
-        st.caption("No figures saved by the steps yet.")
-    for k, (res, kind, fname, f) in enumerate(rows):
-        c1, c2 = st.columns([4, 1])
-        c1.markdown(f"`{res}` · {kind} · **{fname}**")
-        c2.download_button("HTML", f.read_bytes(), file_name=f"{res}-{fname}.html",
-                           mime="text/html", key=f"exp_fig_{k}")
-    # Figures drawn by the UI from stored numbers: HTML, and PNG when kaleido can render.
-    built = []
-    for p in ws.list_results("pca"):
-        try:
-            meta = common.read_result_checked(p, "pca")
-            from workbench.ui.readers import pca_spectrum
-            ratios, cum = pca_spectrum(p, meta)
-            built.append((f"{p.name}-scree", figures.scree(ratios, f"Scree: {p.name}",
-                                                           cumulative=cum)))
-        except Exception:  # noqa: BLE001
-            continue
+                out.append((f"{p.name} · {fname} (saved by the {meta.get('kind')} step)", f))
+        if meta.get("kind") == "pca":
+            def build(p=p, meta=meta):
+                from workbench.ui.readers import pca_spectrum
+                ratios, cum = pca_spectrum(p, meta)
+                return figures.scree(ratios, f"Scree: {p.name}", cumulative=cum)
+            out.append((f"{p.name} · scree (UI)", build))
+        if meta.get("kind") == "compare":
+            def build(p=p):
+                from workbench.ui.readers import compare_matrices
+                name, m = next(iter(compare_matrices(p).items()))
+                return figures.heatmap(m["matrix"], m["x_labels"], m["y_labels"],
+                                       f"{p.name}: {name}", metric=m["metric"], clickable=False)
+            out.append((f"{p.name} · heatmap (UI)", build))
+        if meta.get("kind") == "features":
+            def build(p=p):
+                from workbench.ui.pages.features import _table
+                t = _table(str(p), common.stamp(p, "result.json"))
+                return figures.density_histogram(t.loc[t["count"] > 0, "log10_density"],
+                                                  f"Latent density: {p.name}")
+            out.append((f"{p.name} · density (UI)", build))
+    return out
+
+
+def figure_section(ws) -> None:
+    st.subheader("Figures")
+    srcs = _figure_sources(ws)
+    if not srcs:
+        st.caption("No figures yet.")
+        return
+    labels = [s[0] for s in srcs]
+    label = st.selectbox("Figure", labels, key="exp_fig")
+    src = dict(srcs)[label]
+    stem = label.split(" (")[0].replace(" · ", "-").replace(" ", "_")
+    c1, c2, c3 = st.columns([1, 1, 3])
+    if isinstance(src, Path):
+        c1.download_button("HTML", src.read_bytes, file_name=f"{stem}.html", mime="text/html",
+                           key="exp_fig_html")
+        c3.caption("PNG: open the HTML and use the camera icon of the plot, or pick the (UI) "
+                   "version of this figure.")
+        return
+    fig = src()
+    c1.download_button("HTML", lambda: common.fig_html(fig), file_name=f"{stem}.html",
+                       mime="text/html", key="exp_fig_html")
+    if figures.png_available():
+        c2.download_button("PNG", lambda: figures.png_bytes(fig) or b"", file_name=f"{stem}.png",
+                           mime="image/png", key="exp_fig_png")
+    else:
+        c3.caption("PNG export needs kaleido (`pip install kaleido`, which uses the installed "
+                   "Chromium); HTML always works.")
+    st.plotly_chart(fig, key="exp_fig_preview", width="stretch")
+
+
+def _table_sources(ws) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if ws.runs():
+        def runs():
+            return pd.DataFrame([{"id": r.id, "step": r.step, "status": r.status,
+                                  "started": r.started, "seconds": r.seconds,
+                                  **{f"metric.{k}": v for k, v in r.metrics.items()},
+                                  "config": json.dumps(r.config, default=str), "error": r.error}
+                                 for r in ws.runs()])
+        out.append(("runs (workspace index)", runs))
+    for p in ws.list_results("features"):
+        def latents(p=p):
+            from workbench.ui.pages.features import _table
+            return _table(str(p), common.stamp(p, "result.json"))
+        out.append((f"{p.name} · latents", latents))
     for p in ws.list_results("compare"):
-        try:
+        def matrix(p=p):
             from workbench.ui.readers import compare_matrices
-            for name, m in compare_matrices(p).items():
-                built.append((f"{p.name}-{name}", figures.heatmap(
-                    m["matrix"], m["x_labels"], m["y_labels"], f"{p.name}: {name}",
-                    metric=m["metric"], clickable=False)))
-        except Exception:  # noqa: BLE001
-            continue
-    if built:
-        st.markdown("**Figures drawn by the UI**")
-        png_ok = st.checkbox("also offer PNG (needs kaleido + a browser)", value=False,
-                             key="exp_png")
-        for k, (name, fig) in enumerate(built):
-            c1, c2, c3 = st.columns([4, 1, 1])
-            c1.markdown(f"**{name}**")
-            c2.download_button("HTML", common.fig_html(fig), file_name=f"{name}.html",
-                               mime="text/html", key=f"exp_bfig_{k}")
-            if png_ok:
-                png = figures.png_bytes(fig)
-                if png is None:
-                    c3.caption("PNG unavailable (pip install kaleido)")
-                else:
-                    c3.download_button("PNG", png, file_name=f"{name}.png", mime="image/png",
-                                       key=f"exp_bpng_{k}")
+            _, m = next(iter(compare_matrices(p).items()))
+            return pd.DataFrame(m["matrix"], index=m["y_labels"], columns=m["x_labels"])
+        out.append((f"{p.name} · matrix", matrix))
+    for p in ws.list_results("pca"):
+        def spectrum(p=p):
+            from workbench.ui.readers import pca_spectrum
+            ratios, cum = pca_spectrum(p, common.read_result_checked(p, "pca"))
+            return pd.DataFrame({"component": range(1, len(ratios) + 1),
+                                 "explained_variance_ratio": ratios, "cumulative": cum})
+        out.append((f"{p.name} · spectrum", spectrum))
+    return out
 
 
 def table_section(ws) -> None:
     st.subheader("Tables (CSV)")
-    from workbench.ui.pages.workspace import _runs_frame
-    runs = ws.runs()
-    tables: list[tuple[str, pd.DataFrame]] = []
-    if runs:
-        df = _runs_frame(runs)
-        flat = pd.DataFrame([{"id": r.id, "step": r.step, "status": r.status,
-                              "started": r.started, "seconds": r.seconds,
-                              **{f"metric.{k}": v for k, v in r.metrics.items()},
-                              "config": json.dumps(r.config, default=str)} for r in runs])
-        tables.append(("runs", flat if len(flat.columns) else df))
-    for p in ws.list_results("features"):
-        try:
-            from workbench.ui.pages.features import _table
-            tables.append((f"{p.name}-latents", _table(str(p), common.stamp(p, "result.json"))))
-        except Exception:  # noqa: BLE001
-            continue
-    for p in ws.list_results("compare"):
-        try:
-            from workbench.ui.readers import compare_matrices
-            for name, m in compare_matrices(p).items():
-                tables.append((f"{p.name}-{name}", pd.DataFrame(
-                    m["matrix"], index=m["y_labels"], columns=m["x_labels"])))
-        except Exception:  # noqa: BLE001
-            continue
-    for p in ws.list_results("pca"):
-        try:
-            from workbench.ui.readers import pca_spectrum
-            ratios, cum = pca_spectrum(p, common.read_result_checked(p, "pca"))
-            tables.append((f"{p.name}-spectrum", pd.DataFrame(
-                {"component": range(1, len(ratios) + 1), "explained_variance_ratio": ratios,
-                 "cumulative": cum})))
-        except Exception:  # noqa: BLE001
-            continue
-    if not tables:
+    srcs = _table_sources(ws)
+    if not srcs:
         st.caption("No tables yet.")
-    for k, (name, df) in enumerate(tables):
-        c1, c2 = st.columns([4, 1])
-        c1.markdown(f"**{name}** — {len(df):,} rows")
-        c2.download_button("CSV", df.to_csv(index=not isinstance(df.index, pd.RangeIndex)).encode(),
-                           file_name=f"{name}.csv", mime="text/csv", key=f"exp_csv_{k}")
+        return
+    label = st.selectbox("Table", [s[0] for s in srcs], key="exp_table")
+    df = dict(srcs)[label]()
+    stem = label.split(" (")[0].replace(" · ", "-").replace(" ", "_")
+    st.download_button("CSV", lambda: df.to_csv(index=not isinstance(df.index, pd.RangeIndex)).encode(),
+                       file_name=f"{stem}.csv", mime="text/csv", key="exp_csv")
+    st.caption(f"{len(df):,} rows × {len(df.columns)} columns")
+    st.dataframe(df.head(500), width="stretch", height=260, key="exp_table_preview")
 
 
 def body() -> None:

@@ -94,8 +94,12 @@ def hist_figure(h: dict, title: str, xlabel: str, color: str = "#f58518") -> go.
     return fig
 
 
-def _jump(i: int) -> None:
-    st.session_state["feat_latent"] = int(i)
+def _pick_neighbour() -> None:
+    """Callback of the neighbour pills: open that latent, clear the pick."""
+    i = st.session_state.get("feat_nb_pick")
+    if i is not None:
+        st.session_state["feat_latent"] = int(i)
+        st.session_state["feat_nb_pick"] = None
 
 
 def dashboard(path: Path, key: int, fd, i: int) -> None:
@@ -149,8 +153,7 @@ def dashboard(path: Path, key: int, fd, i: int) -> None:
             st.markdown("**Nearest latents** (decoder cosine)")
             st.dataframe(pd.DataFrame(nb), hide_index=True, width="stretch", key="feat_neigh")
             st.pills("Open a neighbour", [n["latent"] for n in nb[:8]], key="feat_nb_pick",
-                     on_change=lambda: _jump(st.session_state["feat_nb_pick"])
-                     if st.session_state.get("feat_nb_pick") is not None else None)
+                     on_change=_pick_neighbour)
         nr = d.get("neurons") or []
         if nr:
             st.markdown("**Neuron alignment** (largest |W_dec| entries)")

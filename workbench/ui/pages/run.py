@@ -101,7 +101,7 @@ def _widget(step: str, f: dataclasses.Field, tp, ws) -> tuple[Any, str]:
                                   key=key, accept_new_options=not choices), "list_sel"
         txt = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else ""
         return st.text_input(label, value=txt, key=key,
-                             help=(helptext or "") + " (comma-separated)"), f"list:{base.__name__}"
+                             help=(helptext or "") + " (comma- or newline-separated)"), f"list:{base.__name__}"
     if base in (int, float) and not optional and default not in (None, dataclasses.MISSING):
         if base is int:
             return st.number_input(label, value=int(default), step=1, help=helptext, key=key), "int"
@@ -131,6 +131,24 @@ def _widget(step: str, f: dataclasses.Field, tp, ws) -> tuple[Any, str]:
     return st.text_input(label, value=txt, help=helptext, key=key), "str"
 
 
+def split_list(text: str) -> list[str]:
+    """Comma / newline separated items; commas inside {...} (hook patterns such as
+    'blocks.{3,6}.hook_resid_post') do not split."""
+    items, cur, depth = [], [], 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if (ch == "," and depth == 0) or ch == "\n":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [x.strip() for x in items if x.strip()]
+
+
 def _parse(name: str, raw: Any, kind: str, ws) -> Any:
     if kind in ("choice", "bool", "int", "float", "list_sel"):
         if kind == "list_sel":
@@ -138,7 +156,7 @@ def _parse(name: str, raw: Any, kind: str, ws) -> Any:
         return raw
     if kind.startswith("list:"):
         typ = {"int": int, "float": float}.get(kind.split(":", 1)[1], str)
-        items = [x.strip() for x in str(raw).replace("\n", ",").split(",") if x.strip()]
+        items = split_list(str(raw))
         try:
             return [typ(x) for x in items]
         except ValueError:

@@ -20,9 +20,9 @@ def _store_rows(ws) -> list[dict]:
     rows = []
     for p in ws.list_stores():
         key = common.stamp(p, "manifest.json")
-        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key)),
+        row = {"name": p.name, "status": "", "size": common.human_size(common.cached_size(str(p), key)),
                "model": None, "hooks": "", "rows": None, "sequences": None, "seq_len": None,
-               "dtype": None, "corpus": "", "status": ""}
+               "dtype": None, "corpus": ""}
         try:
             info = common.store_info(str(p), key)
             hooks = info.get("hooks") or []
@@ -46,12 +46,16 @@ def _sae_rows(ws) -> list[dict]:
     rows = []
     for p in ws.list_saes():
         key = common.stamp(p, "cfg.json")
-        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key)),
+        row = {"name": p.name, "status": "", "size": common.human_size(common.cached_size(str(p), key)),
                "architecture": None, "d_in": None, "d_sae": None, "k": None, "model": None,
-               "hook": None, "status": ""}
+               "hook": None, "L0": None, "explained var.": None, "dead": None}
         try:
             cfg = json.loads((p / "cfg.json").read_text())
             md = cfg.get("metadata") or {}
+            wb = md.get("workbench") if isinstance(md.get("workbench"), dict) else {}
+            ev = wb.get("eval") if isinstance(wb.get("eval"), dict) else wb
+            row.update({"L0": ev.get("l0"), "explained var.": ev.get("explained_variance"),
+                        "dead": ev.get("dead_fraction")})
             row.update({"architecture": cfg.get("architecture"), "d_in": cfg.get("d_in"),
                         "d_sae": cfg.get("d_sae"), "k": cfg.get("k"),
                         "model": md.get("model_name"), "hook": md.get("hook_name"),
@@ -71,9 +75,11 @@ def _result_rows(ws) -> list[dict]:
         if not p.is_dir() or p.name.startswith("."):
             continue
         key = common.stamp(p, "result.json")
-        row = {"name": p.name, "size": common.human_size(common.cached_size(str(p), key))}
+        row = {"name": p.name, "status": "", "kind": "",
+               "size": common.human_size(common.cached_size(str(p), key))}
         if not (p / "result.json").exists():
-            row.update({"kind": "", "status": "incomplete (no result.json): rerun the step"})
+            row.update({"kind": "", "status": "incomplete (no result.json): still being written, "
+                                              "or interrupted — rerun the step that makes it"})
         else:
             try:
                 meta = common.result_meta(str(p), key)
@@ -137,6 +143,13 @@ def body() -> None:
         st.dataframe(pd.DataFrame(results), hide_index=True, width="stretch", key="ws_results")
     else:
         st.caption("none yet")
+
+    problems = [f"store **{r['name']}**: {r['status']}" for r in stores if r["status"] != "ok"]
+    problems += [f"SAE **{r['name']}**: {r['status']}" for r in saes if r["status"] != "ok"]
+    problems += [f"result **{r['name']}**: {r['status']}" for r in results if r["status"] != "ok"]
+    if problems:
+        st.error("Some artefacts cannot be used:\n\n" + "\n".join(f"- {p}" for p in problems),
+                 icon=":material/error:")
 
     st.subheader("Runs")
     if not runs:
