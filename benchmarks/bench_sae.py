@@ -99,7 +99,8 @@ def run_saelens(args, X, Xe, dev):
     from sae_lens.training.sae_trainer import SAETrainer
     d_sae = args.d_in * args.d_sae_mult
     cfg = TopKTrainingSAEConfig(d_in=args.d_in, d_sae=d_sae, k=args.k, device=str(dev),
-                                normalize_activations="expected_average_only_in")
+                                normalize_activations="expected_average_only_in",
+                                decoder_init_norm=1.0)   # unit-norm rows like ours (0.1 is tuned for long runs)
     sae = TopKTrainingSAE(cfg)
     tcfg = SAETrainerConfig(total_training_samples=X.shape[0], train_batch_size_samples=args.batch_size,
                             lr=args.lr, lr_end=args.lr, device=str(dev), autocast=dev.type == "cuda",

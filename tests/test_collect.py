@@ -113,7 +113,7 @@ def test_padding_and_special_tokens(tiny, tmp_path):
 
 
 def test_deterministic_byte_identical(tiny, tmp_path):
-    kw = dict(max_tokens=900, seq_len=32, batch_size=4, progress=False, shard_mb=0.05)
+    kw = dict(max_tokens=600, seq_len=32, batch_size=4, progress=False, shard_mb=0.05)
     a = collect(tiny, HOOKS, out=tmp_path / "a", **kw)
     b = collect(tiny, HOOKS, out=tmp_path / "b", **kw)
     assert len(a.shard_files()) >= 3
@@ -166,7 +166,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     m = load_model("tiny-random")
     orig = m.run
     def slow(*a, **k):
-        time.sleep(0.25)
+        time.sleep(0.15)
         return orig(*a, **k)
     m.run = slow
     print("READY", flush=True)

@@ -337,3 +337,14 @@ def test_latent_activations_for_text(setup):
     tokens, acts = F.latent_activations_for_text(sae, "hello", model=m)
     assert tokens == [f"<{ord(c) % VOCAB}>" for c in "hello"]
     assert acts.shape == (5, D_SAE) and torch.equal(acts, sae.encode(m.last[0]))
+
+
+def test_unknown_hook_fails_before_writing(setup, tmp_path, monkeypatch):
+    from workbench.errors import WorkbenchError
+    from workbench.steps import run_step
+    monkeypatch.setattr(F, "_load_sae", lambda path, device="cpu": setup["sae"])
+    (tmp_path / "sae").mkdir()
+    with pytest.raises(WorkbenchError, match=HOOK.replace(".", r"\.")):
+        run_step("features", {"sae": str(tmp_path / "sae"), "store": str(setup["store"].path),
+                              "hook": "blocks.9.hook_resid_pre", "out": str(tmp_path / "o")})
+    assert not (tmp_path / "o").exists()

@@ -8,7 +8,6 @@ import base64
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,11 +232,18 @@ def test_activations_page(ui_workspace):  # noqa: F811
     at = open_page(W["root"], "activations", state={"act_result": name})
     assert not errors(at), errors(at)
     # scree = stored explained-variance ratios
-    from workbench.ui.readers import pca_spectrum, pca_projection
+    from workbench.ui.readers import pca_projection
     ratios = np.asarray(meta.get("explained_variance_ratio") if meta.get(
         "explained_variance_ratio") is not None else tens["explained_variance_ratio"].numpy(), float)
+    at.segmented_control(key="act_view").set_value("Scree & geometry").run()
+    assert not at.exception and not errors(at), errors(at)
     scree = figure(at, "act_scree")
     assert np.allclose(decode(scree["data"][0]["y"]), ratios)
+    geo = meta["geometry"]
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["participation ratio"] == f"{geo['participation_ratio']:.4g}"
+    assert shown["directions for 90% var."] == str(geo["n_dirs_90"])
+    at.segmented_control(key="act_view").set_value("Scatter").run()
     # scatter coordinates = stored projections of the plotted rows (colour by token: one trace
     # per frequent token; together they hold every plotted point)
     fig = figure(at, "act_scatter")
@@ -254,8 +260,6 @@ def test_activations_page(ui_workspace):  # noqa: F811
     assert n == min(len(coords), 2000)
     # hover text holds the token in its context
     assert "[" in fig["data"][0]["customdata"][0][0]
-    # geometry numbers are shown
-    assert len(at.metric) >= 1
     # other colourings, 3-D
     for colour in ("position", "document"):
         at.selectbox(key="act_color").set_value(colour).run()

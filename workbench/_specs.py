@@ -79,9 +79,17 @@ def _tl_aliases() -> dict[str, str]:
         d = _package_dir("transformer_lens")
         f = d / "supported_models.py" if d else None
         if f is not None and f.is_file():
-            try:
-                import runpy
-                ns = runpy.run_path(str(f))
+            try:   # literal assignments only: executing the file can import half of TL (4.x)
+                import ast
+                ns = {}
+                for node in ast.parse(f.read_text()).body:
+                    target = node.target if isinstance(node, ast.AnnAssign) else (
+                        node.targets[0] if isinstance(node, ast.Assign) else None)
+                    if isinstance(target, ast.Name) and node.value is not None:
+                        try:
+                            ns[target.id] = ast.literal_eval(node.value)
+                        except ValueError:
+                            pass
                 for official in ns.get("OFFICIAL_MODEL_NAMES", []):
                     table[official] = official
                 for official, aliases in ns.get("MODEL_ALIASES", {}).items():

@@ -219,6 +219,20 @@ def _window_rows_fn(store: Any, context: int):
     return window_rows, seq_index, position
 
 
+def _check_inputs(sae: Any, store: Any, hook: str) -> str:
+    """The hook to read (given, or the SAE's metadata hook_name), checked against the store and d_in."""
+    hook = hook or _sae_meta(sae, "hook_name", "")
+    if not hook:
+        raise WorkbenchError(f"no hook given and the SAE's metadata has no hook_name; pass --hook (store hooks: "
+                             f"{', '.join(store.hooks)})")
+    d_store = store.d(hook)
+    d_in = _sae_param(sae, "W_dec").shape[1]
+    if d_store != d_in:
+        raise WorkbenchError(f"SAE expects d_in={d_in} but hook {hook!r} of the store has d={d_store}: "
+                             "pick the hook the SAE was trained on")
+    return hook
+
+
 # ----------------------------------------------------------------------------------------- compute
 @torch.no_grad()
 def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 0, batch_size: int = 1024,
@@ -230,16 +244,9 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
     `sae`: an SAE object (encode, W_dec, cfg); `store`: an open ActivationStore."""
     t0 = time.time()
     dev = _resolve_device(device)
-    hook = hook or _sae_meta(sae, "hook_name", "")
-    if not hook:
-        raise WorkbenchError(f"no hook given and the SAE's metadata has no hook_name; pass --hook (store hooks: "
-                             f"{', '.join(store.hooks)})")
-    d_store = store.d(hook)
+    hook = _check_inputs(sae, store, hook)
     W_dec = _sae_param(sae, "W_dec")
     d_sae, d_in = W_dec.shape
-    if d_store != d_in:
-        raise WorkbenchError(f"SAE expects d_in={d_in} but hook {hook!r} of the store has d={d_store}: "
-                             "pick the hook the SAE was trained on")
     if batch_size < 1 or context < 0 or n_top < 0:
         raise WorkbenchError("batch_size must be >= 1, context and n_top >= 0")
     n = store.n_rows if not max_tokens or max_tokens <= 0 else min(int(max_tokens), store.n_rows)
@@ -410,6 +417,7 @@ def features(cfg: FeaturesConfig) -> StepResult:
     store = ActivationStore.open(cfg.store)
     dev = _resolve_device(cfg.device)
     sae = _load_sae(cfg.sae, device=dev)
+    _check_inputs(sae, store, cfg.hook)               # fail before touching `out`
     prepare_out(out, cfg.overwrite, what="features result")
     model_spec = store.manifest.get("model") or getattr(store, "model_name", None)
     tokenizer, tok_reason = None, ""

@@ -202,11 +202,13 @@ def body() -> None:
     st.caption(f"hook `{hook}` · store `{store_ref}` · k = {meta.get('k', meta.get('n_components', '?'))}"
                f" · method {meta.get('method', '?')}")
 
-    tab_scatter, tab_scree = st.tabs(["Scatter", "Scree & geometry"])
-    with tab_scree:
-        common.guard(lambda: scree_panel(path, meta), "scree")
-    with tab_scatter:
+    # one view at a time: only the chart on screen is sent to the browser
+    view = st.segmented_control("View", ["Scatter", "Scree & geometry"], default="Scatter",
+                                key="act_view", label_visibility="collapsed") or "Scatter"
+    if view == "Scatter":
         common.guard(lambda: scatter_panel(ws, path, meta, store_path, hook), "scatter")
+    else:
+        common.guard(lambda: scree_panel(path, meta), "scree")
 
 
 def scree_panel(path: Path, meta: dict) -> None:
@@ -229,7 +231,7 @@ def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str
         raise WorkbenchError(f"the store this PCA was fitted on ({meta.get('store')}) is not "
                              "there any more; the scatter needs its tokens")
     c1, c2, c3, c4 = st.columns([1, 1, 2, 2])
-    dim = c1.radio("View", ["2-D", "3-D"], horizontal=True, key="act_dim")
+    dim = c1.radio("Dimensions", ["2-D", "3-D"], horizontal=True, key="act_dim")
     max_points = c2.selectbox("Points", [500, 1000, 2000, 5000], index=2, key="act_points",
                               help="at most the rows the pca step sampled (its --sample)")
     color = c3.selectbox("Colour by", COLOR_BY, key="act_color")

@@ -58,6 +58,18 @@ def export_sae(ws, sae: Path, fmt: str) -> Path:
         if fmt == "saelens":
             return sae   # our native format is SAELens already
         raise WorkbenchError("the export_sae step is not available in this installation")
+    # an export this workspace already made (e.g. by `workbench demo`), newer than the SAE
+    for run in ws.runs(step="export_sae", status="done"):
+        cfg = run.config or {}
+        if cfg.get("format") != fmt or not cfg.get("sae"):
+            continue
+        if ws.abs(str(cfg["sae"])).resolve() != sae.resolve():
+            continue
+        for art in run.artifacts.values():
+            folder = ws.abs(art)
+            if folder.is_dir() and any(folder.iterdir()) and folder.stat().st_mtime_ns >= \
+                    common.stamp(sae, "cfg.json", "sae_weights.safetensors"):
+                return folder
     dest = ws.root / "exports" / f"{sae.name}-{fmt}"
     if dest.exists() and any(dest.iterdir()) and \
             dest.stat().st_mtime_ns >= common.stamp(sae, "cfg.json", "sae_weights.safetensors"):

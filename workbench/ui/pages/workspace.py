@@ -67,6 +67,18 @@ def _sae_rows(ws) -> list[dict]:
     return rows
 
 
+def export_kind(p) -> str | None:
+    """The format of an SAE export folder (export_sae writes them, also under results/)."""
+    if (p / "cfg.json").exists() and (p / "sae_weights.safetensors").exists():
+        return "neuronpedia" if (p / "neuronpedia.json").exists() else "saelens"
+    try:
+        if any((c / "sae.safetensors").exists() for c in p.iterdir() if c.is_dir()):
+            return "sparsify"
+    except OSError:
+        pass
+    return None
+
+
 def _result_rows(ws) -> list[dict]:
     rows = []
     if not ws.results.exists():
@@ -77,7 +89,10 @@ def _result_rows(ws) -> list[dict]:
         key = common.stamp(p, "result.json")
         row = {"name": p.name, "status": "", "kind": "",
                "size": common.human_size(common.cached_size(str(p), key))}
-        if not (p / "result.json").exists():
+        export = export_kind(p)
+        if not (p / "result.json").exists() and export:
+            row.update({"kind": f"SAE export ({export})", "status": "ok"})
+        elif not (p / "result.json").exists():
             row.update({"kind": "", "status": "incomplete (no result.json): still being written, "
                                               "or interrupted — rerun the step that makes it"})
         else:
