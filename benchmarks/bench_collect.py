@@ -6,8 +6,8 @@ the same process on the same token batches:
   (b) TransformerLens `run_with_cache` on the full model (every hook cached, as a naive script
       does), then selecting the hooks' non-padding rows and moving them to the CPU (no writes).
 
-Also prints the peak resident memory (RSS, sampled every 20 ms) of collect at two max_tokens
-values, which must not grow with max_tokens (rows stream to shards).
+Also prints the peak resident memory (RSS) of a fresh `collect` process at two max_tokens values,
+which must not grow with max_tokens (rows stream to shards).
 
     .venv/bin/python benchmarks/bench_collect.py [--tokens 20480] [--device auto]
 
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -157,30 +159,35 @@ def main(argv=None):
         print(f"(b) TL run_with_cache full model + select:   {n_rows / t_b:9.1f} tok/s ({t_b:.1f}s wall, "
               f"{c_b:.1f}s CPU)", flush=True)
 
-    # ---------------------------------------------------------- collect, two sizes (RSS)
+    # ---------------------------------------------------------- collect (timed, in this process)
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
-    results = {}
     try:
+        t, c = time.perf_counter(), time.process_time()
+        store = collect(model, hooks, corpus="builtin", out=tmp / "s", max_tokens=n_rows,
+                        seq_len=args.seq_len, batch_size=args.batch_size, progress=False,
+                        shard_mb=args.shard_mb)
+        sync(dev)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        n_shards = len(store.shard_files())
+        disk = sum(p.stat().st_size for p in store.shard_files())
+        print(f"collect max_tokens={n_rows}: {n_rows / dt:9.1f} tok/s ({dt:.1f}s wall, {dc:.1f}s CPU), "
+              f"{n_shards} shards, {disk / 2**20:.0f} MiB on disk", flush=True)
+
+        # ------------------------------------------------------ peak RSS, fresh processes
+        rss = {}
         for n in (n_rows // 2, n_rows):
-            out = tmp / f"s{n}"
-            with RSSPeak() as rss:
-                t, c = time.perf_counter(), time.process_time()
-                store = collect(model, hooks, corpus="builtin", out=out, max_tokens=n,
-                                seq_len=args.seq_len, batch_size=args.batch_size,
-                                progress=False, shard_mb=args.shard_mb)
-                sync(dev)
-                dt, dc = time.perf_counter() - t, time.process_time() - c
-            results[n] = (dt, rss.start, rss.peak, len(store.shard_files()),
-                          sum(p.stat().st_size for p in store.shard_files()), dc)
-            print(f"collect max_tokens={n}: {n / dt:9.1f} tok/s ({dt:.1f}s wall, {dc:.1f}s CPU), "
-                  f"{results[n][3]} shards, "
-                  f"{results[n][4] / 2**20:.0f} MiB on disk, RSS before {rss.start / 2**20:.0f} MiB, "
-                  f"peak {rss.peak / 2**20:.0f} MiB (+{(rss.peak - rss.start) / 2**20:.0f})", flush=True)
-            shutil.rmtree(out)
+            cmd = [sys.executable, __file__, "--child", str(n), str(tmp / f"c{n}"), "--model", args.model,
+                   "--device", args.device, "--seq-len", str(args.seq_len), "--batch-size",
+                   str(args.batch_size), "--shard-mb", str(args.shard_mb), "--hooks", *args.hooks]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rss[n] = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"collect max_tokens={n} in a fresh process: peak RSS {rss[n]['peak_mib']:.0f} MiB "
+                  f"(after loading the model {rss[n]['loaded_mib']:.0f} MiB; collect adds "
+                  f"{rss[n]['peak_mib'] - rss[n]['loaded_mib']:.0f} MiB), store {rss[n]['disk_mib']:.0f} MiB",
+                  flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    dt, dc = results[n_rows][0], results[n_rows][5]
     speed = n_rows / dt
     print("\n== summary ==")
     print(f"device: {dev} ({where})")
@@ -193,12 +200,47 @@ def main(argv=None):
     if dev.type == "cpu":
         print("(on a shared CPU, wall-clock ratios move with the other load; CPU-time ratios count "
               "the work done by this process, collect's writer thread included)")
-    (h1, r1), (h2, r2) = [(n, results[n]) for n in sorted(results)]
-    print(f"peak RSS: max_tokens={h1}: {r1[2] / 2**20:.0f} MiB; max_tokens={h2}: {r2[2] / 2**20:.0f} MiB "
-          f"(growth {(r2[2] - r1[2]) / 2**20:+.0f} MiB while the store grew "
-          f"{(r2[4] - r1[4]) / 2**20:+.0f} MiB)")
-    print(f"process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    (n1, r1), (n2, r2) = sorted(rss.items())
+    print(f"peak RSS of a collect process: max_tokens={n1}: {r1['peak_mib']:.0f} MiB; max_tokens={n2}: "
+          f"{r2['peak_mib']:.0f} MiB (growth {r2['peak_mib'] - r1['peak_mib']:+.0f} MiB while the store "
+          f"grew {r2['disk_mib'] - r1['disk_mib']:+.0f} MiB)")
+
+
+def child(argv):
+    """--child N OUT [options]: collect N rows in this fresh process, print peak RSS as JSON."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--model")
+    ap.add_argument("--device")
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--shard-mb", type=float)
+    ap.add_argument("--hooks", nargs="+")
+    a = ap.parse_args(argv)
+    n, out = int(a.child[0]), a.child[1]
+    model = load_model(a.model, device=a.device)
+    list(iter_documents("builtin"))          # the corpus text cache, same in both runs
+    gc.collect()
+    loaded = RSSPeak.now()
+    try:   # reset the kernel's peak-RSS counter (VmHWM), so model loading does not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    store = collect(model, a.hooks, corpus="builtin", out=out, max_tokens=n, seq_len=a.seq_len,
+                    batch_size=a.batch_size, progress=False, shard_mb=a.shard_mb)
+    disk = sum(p.stat().st_size for p in store.shard_files())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    print(json.dumps({"peak_mib": peak / 2**20,
+                      "loaded_mib": loaded / 2**20, "disk_mib": disk / 2**20}))
 
 
 if __name__ == "__main__":
-    main()
+    if "--child" in sys.argv:
+        child(sys.argv[1:])
+    else:
+        main()
