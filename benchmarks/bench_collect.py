@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from workbench.collect import _excluded_ids, collect  # noqa: E402
+from workbench.collector import _excluded_ids, collect  # noqa: E402
 from workbench.corpus import iter_documents, pack  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 
@@ -124,7 +124,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------- (a) plain HF forward, truncated
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model.source, torch_dtype=model.dtype).to(dev).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model.source, dtype=model.dtype).to(dev).eval()
     base = hf.model
     base.layers = base.layers[:deepest + 1]
     hf.config.num_hidden_layers = deepest + 1

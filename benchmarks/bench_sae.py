@@ -37,9 +37,12 @@ def make_data(args):
         g = torch.Generator().manual_seed(0)
         X = X[torch.randperm(X.shape[0], generator=g)]
         return X[: n - args.eval_rows], X[n - args.eval_rows:]
-    # synthetic: unit-norm features in superposition (4 x d_sae of them), ~k/2 active, plus an offset
+    # synthetic: unit-norm features in superposition (4 x d_sae of them), ~k/2 active, plus an offset.
+    # The data seed must differ from the init seeds: workbench's reset_parameters and the dense reference
+    # both draw W_dec = randn(d_sae, d_in) from Generator().manual_seed(0), which with a data seed of 0 is
+    # exactly F[:d_sae] — they would start from the true features and SAELens (kaiming_uniform) would not.
     d = args.d_in
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.data_seed)
     nf = 4 * d * args.d_sae_mult
     F = torch.randn(nf, d, generator=g)
     F /= F.norm(dim=1, keepdim=True)
@@ -104,13 +107,24 @@ def run_saelens(args, X, Xe, dev):
     sae = TopKTrainingSAE(cfg)
     tcfg = SAETrainerConfig(total_training_samples=X.shape[0], train_batch_size_samples=args.batch_size,
                             lr=args.lr, lr_end=args.lr, device=str(dev), autocast=dev.type == "cuda",
-                            n_batches_for_norm_estimate=4, dead_feature_window=10 ** 9,
+                            n_batches_for_norm_estimate=4, dead_feature_window=10 ** 9,   # default 1000: no AuxK either in 30 steps
                             feature_sampling_window=10 ** 9)
     provider = itertools.cycle([b.to(dev) for b in X.split(args.batch_size)])
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
     import contextlib
     import io
     t0 = time.perf_counter()
+    # SAELens 6 has no data-dependent b_dec init (b_dec starts at 0). Over a 30-step run b_dec moves only
+    # ~steps*lr per coordinate, so it never absorbs the activations' mean offset: the same few latents win
+    # the top-k on every token (77-99% dead) and FVU stays ~1. Workbench (geometric median) and the dense
+    # reference (mean) both start b_dec at the data centre, so do the same here: estimate SAELens' own
+    # norm scaling factor first (fit() then reuses it instead of re-estimating) and set b_dec to the mean
+    # of the first scaled batch. fit() still folds the scale into the weights, so encode/decode at the end
+    # act on raw activations (checked: FVU in scaled units before folding == FVU on raw after).
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer.activation_scaler.estimate_scaling_factor(args.d_in, provider, tcfg.n_batches_for_norm_estimate)
+    with torch.no_grad():
+        sae.b_dec.copy_(trainer.activation_scaler.scale(X[:args.batch_size].to(dev)).mean(0))
     with contextlib.redirect_stderr(io.StringIO()):
         trainer.fit()
     if dev.type == "cuda":
@@ -186,6 +200,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-rows", type=int, default=8192)
+    p.add_argument("--data-seed", type=int, default=12345,
+                   help="seed of the synthetic data (keep it != 0, the SAEs' init seed)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))

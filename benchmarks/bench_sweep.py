@@ -62,7 +62,7 @@ def main() -> int:
 
     # pay the heavy imports before timing (a real session has them too)
     import workbench.models  # noqa: F401
-    import workbench.collect  # noqa: F401
+    import workbench.collector  # noqa: F401
     import transformers  # noqa: F401
     import transformer_lens  # noqa: F401
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.collect import collect
+from workbench.collector import collect
 from workbench.errors import WorkbenchError
 from workbench.store import ActivationStore
 
@@ -30,7 +30,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def hf_tiny(tiny):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(tiny.source, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny.source, dtype=torch.float32).eval()
 
 
 def _shard_bytes(store):
@@ -162,7 +162,7 @@ def test_resume_after_ctrl_c(tiny, tmp_path, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from workbench.models import load_model
-    from workbench.collect import collect
+    from workbench.collector import collect
     m = load_model("tiny-random")
     orig = m.run
     def slow(*a, **k):
@@ -206,7 +206,10 @@ def test_resume_after_sigkill(tiny, tmp_path):
     assert 2 <= n_before < n_ref
     with pytest.raises(WorkbenchError, match="incomplete"):
         ActivationStore.open(out)
+    first = out / "shards" / "shard-00000.safetensors"
+    kept = first.stat().st_mtime_ns
     resumed = collect(tiny, HOOKS, out=out, **kw)
+    assert first.stat().st_mtime_ns == kept          # resumed, not started over
     assert _shard_bytes(resumed) == _shard_bytes(ref)
     resumed.verify()
 

@@ -3,7 +3,7 @@
 import torch
 
 
-def synthetic(n=20000, d=48, n_features=128, active=3, seed=0, offset=0.3):
+def synthetic(n=20000, d=48, n_features=128, active=3, seed=1234, offset=0.3):
     """Unit-norm features F [n_features, d] (more features than dims), each sample a sum of `active`
     random features with magnitudes in [0.5, 2.5], plus a constant offset."""
     g = torch.Generator().manual_seed(seed)

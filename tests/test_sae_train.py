@@ -133,27 +133,43 @@ def _ddp_kw(arch):
                 dead_tokens=512)
 
 
-def _ddp_worker(rank, world, port, X, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _ddp_worker(rank, world, ports, X, out):
     torch.set_num_threads(1)
     res = {}
-    for arch in DDP_ARCHS:       # the trainer sets up and tears down the gloo group each time
-        sae = train_sae(X, **_ddp_kw(arch))
+    for arch, port in zip(DDP_ARCHS, ports):   # a fresh rendezvous port per process group:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))   # reusing one can hang
+        sae = train_sae(X, **_ddp_kw(arch))   # the trainer sets up and tears down the gloo group
         res.update({f"{arch}.{k}": v.detach() for k, v in sae.state_dict().items()})
     if rank == 0:
         torch.save(res, out)
 
 
-def test_ddp_gloo_two_processes_equal_one(tmp_path):
+def _free_ports(n):
     import socket
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_ddp_gloo_two_processes_equal_one(tmp_path):
+    import time
     import torch.multiprocessing as mp
     X = _data(n=2048)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_ddp_worker, args=(2, port, X, str(out)), nprocs=2, join=True, start_method="spawn")
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_ports(len(DDP_ARCHS)), X, str(out)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-process gloo training did not finish within 240 s")
     got = torch.load(out, weights_only=True)
     for arch in DDP_ARCHS:
         ref = train_sae(X, **_ddp_kw(arch))

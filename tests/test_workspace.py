@@ -93,3 +93,10 @@ def test_cli_generated_from_config(tmp_path, capsys):
     rc = main(["runs", "list", "--workspace", str(ws.root), "--json"])
     assert rc == 0
     assert {r["status"] for r in json.loads(capsys.readouterr().out)["runs"]} == {"done", "failed"}
+
+
+def test_public_api_names_survive_submodule_imports():
+    import workbench
+    import workbench.steps  # imports every step module (and through them the data layer)
+    assert callable(workbench.collect) and callable(workbench.load_model)
+    assert workbench.ActivationStore.__name__ == "ActivationStore"

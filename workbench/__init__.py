@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": ("workbench.models", "load_model"),
-    "collect": ("workbench.collect", "collect"),
+    "collect": ("workbench.collector", "collect"),
     "ActivationStore": ("workbench.store", "ActivationStore"),
     "Workspace": ("workbench.workspace", "Workspace"),
     "run_step": ("workbench.steps", "run_step"),

@@ -53,19 +53,29 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+PARTIAL_MARKER = ".workbench-partial"
+
+
 def prepare_out(out: str | os.PathLike, overwrite: bool, what: str = "result") -> Path:
-    """Refuse to clobber a complete artefact unless overwrite; clear a half-written one."""
+    """Make `out` ready for a new artefact. A complete one is kept unless overwrite; one we left
+    half-written (it holds PARTIAL_MARKER) is cleared; any other non-empty folder is refused, so a
+    mistyped --out never deletes a user's files."""
     out = Path(out)
     if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is a file; choose a folder for --out")
         complete = any((out / f).exists() for f in (RESULT_FILE, "manifest.json", "cfg.json"))
+        ours = complete or (out / PARTIAL_MARKER).exists()
         if complete and not overwrite:
             raise FileExistsError(
                 f"{out} already holds a {what}; pass --overwrite to replace it or choose another --out")
-        if out.is_dir():
+        if any(out.iterdir()):
+            if not ours:
+                raise FileExistsError(
+                    f"{out} is a non-empty folder that workbench did not write; choose another --out")
             shutil.rmtree(out)
-        else:
-            out.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL_MARKER).touch()
     return out
 
 
@@ -88,6 +98,7 @@ def write_result(out: str | os.PathLike, kind: str, data: dict[str, Any], *, ver
     if tensors:
         meta["tensors"] = sorted(tensors)
     atomic_write_json(out / RESULT_FILE, meta)
+    (out / PARTIAL_MARKER).unlink(missing_ok=True)
     return out
 
 

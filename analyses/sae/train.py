@@ -227,6 +227,11 @@ def make_sae(arch: str, d_in: int, d_sae: int, k: int | None = None, **cfg: Any)
 
 # ------------------------------------------------------------------------------------- trainer
 
+def init_seed(seed: int) -> int:
+    """The generator seed for an SAE's initial weights, decorrelated from the user's seed."""
+    return (int(seed) * 0x9E3779B1 + 0x5AE1) % (2 ** 63)
+
+
 def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int | None = None,
               n_tokens: int | None = None, batch_size: int = 4096, lr: float | None = None, seed: int = 0,
               device: str = "auto", checkpoint_dir: str | os.PathLike | None = None,
@@ -279,7 +284,9 @@ def _train(source, arch, d_sae, k, n_tokens, batch_size, lr, seed, dev, checkpoi
     total = max(1, int(n_tokens) // batch_size)
     torch.manual_seed(seed)
     sae = make_sae(arch, d_in, int(d_sae), k, device="cpu", metadata=dict(metadata or {}), **arch_cfg)
-    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    # derived, not `seed` itself: data made with torch.randn under the same small seed (synthetic
+    # ground truth in tests and benchmarks) would otherwise BE the initial decoder
+    sae.reset_parameters(torch.Generator().manual_seed(init_seed(seed)))
     cfg = sae.cfg
     if cfg.arch in ("topk", "batchtopk", "matryoshka") and cfg.dead_tokens is None:
         cfg.dead_tokens = int(min(10_000_000, max(total * batch_size // 10, 4 * batch_size)))

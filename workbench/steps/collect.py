@@ -32,7 +32,7 @@ class CollectConfig:
 
 @register("collect", CollectConfig, help="collect a model's activations at some hooks into a store")
 def collect_step(cfg: CollectConfig) -> StepResult:
-    from ..collect import collect
+    from ..collector import collect
     from ..errors import WorkbenchError
     if not cfg.out:
         raise WorkbenchError("collect needs --out PATH (the store folder to write)")

@@ -270,10 +270,17 @@ def export_sae_step(cfg: ExportSAEConfig) -> StepResult:
         raise WorkbenchError("export-sae needs --out DIR")
     if cfg.format not in FORMAT_CHOICES:
         raise WorkbenchError(f"unknown format {cfg.format!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+    from ..results import prepare_out, write_result
     sae = _load_sae(cfg.sae)
+    out = prepare_out(cfg.out, cfg.overwrite, f"{cfg.format} export")
     try:
-        path = export_sae(sae, cfg.format, cfg.out, overwrite=cfg.overwrite)
+        path = export_sae(sae, cfg.format, out, overwrite=True)
     except ValueError as e:
         raise WorkbenchError(str(e)) from None
+    files = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
+    # result.json last: marks the export complete (sweeps skip it, the UI lists it)
+    write_result(path, "export", {"format": cfg.format, "sae": str(cfg.sae), "arch": sae.arch,
+                                  "files": files})
     return StepResult(summary={"out": str(path), "format": cfg.format, "arch": sae.arch},
                       artifacts={"export": str(path)})
