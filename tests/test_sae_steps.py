@@ -35,7 +35,7 @@ def test_train_eval_export_steps(store, tmp_path):
     s, F = store
     out = tmp_path / "sae"
     r = run_step("train_sae", {"store": str(s.path), "hook": "blocks.0.hook_resid_post", "arch": "topk",
-                               "d_sae": 64, "k": 3, "n_tokens": 8192 * 8, "batch_size": 512, "lr": 3e-3,
+                               "d_sae": 64, "k": 3, "n_tokens": 8192 * 8, "batch_size": 256, "lr": 1e-2,
                                "out": str(out), "eval_tokens": 4096, "progress": False})
     assert (out / "cfg.json").exists() and (out / "sparsity.safetensors").exists()
     assert not (out / ".checkpoints").exists()
