@@ -35,6 +35,9 @@ class PCAConfig:
     k: int = field(default=50, metadata=arg("number of components"))
     method: str = field(default="exact", metadata=arg("exact (float64 covariance) or randomized (Halko)",
                                                       choices=["exact", "randomized"]))
+    precision: str = field(default="float64", metadata=arg(
+        "float64 (exact covariance) or mixed (float32 products per chunk, float64 accumulation: ~2x "
+        "faster on CPU, ~1e-7 relative error)", choices=["float64", "mixed"]))
     whiten: bool = field(default=False, metadata=arg("scale projections to unit variance"))
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
     batch_size: int = field(default=16384, metadata=arg("rows read per batch"))
@@ -147,7 +150,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
             start = stop
             yield b
 
-    pca = PCA(cfg.k, method=cfg.method, whiten=cfg.whiten, device=cfg.device)
+    pca = PCA(cfg.k, method=cfg.method, whiten=cfg.whiten, device=cfg.device, precision=cfg.precision)
     try:
         pca.fit(stream())
     except ValueError as e:
