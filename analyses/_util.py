@@ -60,3 +60,25 @@ def iter_batches(source: Any) -> Iterator[torch.Tensor]:
 
 def is_batch_iterable(x: Any) -> bool:
     return not isinstance(x, (torch.Tensor, np.ndarray)) and isinstance(x, Iterable)
+
+
+def atomic_write(path, write, mode: str = "w") -> None:
+    """Write `path` via a temp file in the same folder + fsync + rename, so readers (and a resume
+    after a kill) see the old file or the new one, never half of one. `write(f)` fills the file."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

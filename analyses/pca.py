@@ -21,7 +21,6 @@ compare entry by entry.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path

@@ -156,3 +156,18 @@ def test_hf_offline_is_fast_and_clear(monkeypatch):
     monkeypatch.setattr(c, "_online", lambda *a, **k: False)
     with pytest.raises(WorkbenchError, match="not available offline"):
         iter_documents("hf:imdb")
+
+
+def test_windows_per_doc_keeps_each_documents_first_windows():
+    from workbench.corpus import Document, pack
+
+    class Tok:   # whitespace tokenizer: ids are word lengths (enough to count windows)
+        def __call__(self, texts, add_special_tokens=False, verbose=False):
+            return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+
+    docs = [Document(0, "a", "w " * 25), Document(1, "b", "w " * 3), Document(2, "c", "w " * 11)]
+    every = list(pack(docs, Tok(), 5, add_special_tokens=False))
+    assert [w.doc_id for w in every] == [0] * 5 + [1] + [2] * 3
+    first = list(pack(docs, Tok(), 5, add_special_tokens=False, windows_per_doc=1))
+    assert [w.doc_id for w in first] == [0, 1, 2]
+    assert all(w.ids == every[i].ids for i, w in zip((0, 5, 6), first))

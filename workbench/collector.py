@@ -95,14 +95,15 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
             max_tokens: int = 50_000, seq_len: int = 128, batch_size: int = 16,
             dtype: torch.dtype | str | None = None, device: str = "auto",
             special_tokens: str = "exclude", overwrite: bool = False, progress: bool = True,
-            shard_mb: float = 32) -> ActivationStore:
+            shard_mb: float = 32, windows_per_doc: int = 0) -> ActivationStore:
     """Collect activations into a store at ``out`` (see the module docstring). ``model`` is a
     loaded Model or a model spec string; ``dtype`` is the storage dtype (float32 / float16 /
     bfloat16; default: the model's dtype when it is one of those, else float32)."""
     if out is None or str(out) == "":
         raise WorkbenchError("collect needs an output folder (--out PATH)")
     out = Path(out)
-    for name, v, lo in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+    for name, v, lo in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
+                        ("windows_per_doc", windows_per_doc, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise WorkbenchError(f"{name} must be an integer >= {lo}, got {v!r}")
     if not shard_mb or shard_mb <= 0:
@@ -138,6 +139,7 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
         "device": dev.type, "hooks": resolved, "corpus": fingerprint, "max_tokens": max_tokens,
         "seq_len": seq_len, "batch_size": batch_size, "dtype": dname,
         "special_tokens": mode, "excluded_ids": excluded, "shard_batches": shard_batches,
+        "windows_per_doc": int(windows_per_doc),
     }
     header_kw = dict(model=model.name, hooks=dims, dtype=dname, seq_len=seq_len, settings=settings)
 
@@ -163,7 +165,7 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
     pad_id = model.special_ids.get("pad")
     pad_id = 0 if pad_id is None else int(pad_id)
     docs = _Docs(iter_documents(corpus))
-    windows = pack(docs, tok, seq_len)
+    windows = pack(docs, tok, seq_len, windows_per_doc=int(windows_per_doc))
     excl = torch.tensor(excluded, dtype=torch.long)
 
     bar = None

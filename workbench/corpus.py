@@ -282,10 +282,11 @@ def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_tokens: bool = True,
-         tokenize_batch: int = 32) -> Iterator[Window]:
+         tokenize_batch: int = 32, windows_per_doc: int = 0) -> Iterator[Window]:
     """Tokenise documents lazily and cut them into windows of at most ``seq_len`` tokens, one
-    document per window (see the module docstring). Raises WorkbenchError when the corpus yields
-    no tokens at all."""
+    document per window (see the module docstring); ``windows_per_doc`` > 0 keeps only each
+    document's first windows (many documents in few tokens: document-level comparisons).
+    Raises WorkbenchError when the corpus yields no tokens at all."""
     prefix, suffix = special_wrapping(tokenizer) if add_special_tokens else ([], [])
     body = seq_len - len(prefix) - len(suffix)
     if body < 1:
@@ -300,7 +301,9 @@ def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_token
         texts = [d.text for d in pending]
         enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         for d, ids in zip(pending, enc):
-            for s in range(0, len(ids), body):
+            for j, s in enumerate(range(0, len(ids), body)):
+                if windows_per_doc and j >= windows_per_doc:
+                    break
                 yield Window(d.id, prefix + list(ids[s:s + body]) + suffix)
         pending.clear()
 

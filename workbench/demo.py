@@ -32,7 +32,7 @@ def demo_config(workspace: str, quick: bool = False) -> dict[str, Any]:
                 m["hooks"] = ["blocks.{3,6}.hook_resid_post"]
             else:
                 m["hooks"] = ["blocks.{1,4}.hook_resid_post"]
-        cfg["train_sae"].update(d_sae=1152, k=16)
+        cfg["train_sae"].update(d_sae=1152, k=16, n_tokens=8192)
         cfg["eval_sae"]["ce_sequences"] = 4
     return cfg
 

@@ -31,7 +31,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -39,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .._util import as_tensor, check_finite_rows, resolve_device
+from .._util import as_tensor, atomic_write, check_finite_rows, resolve_device
 from .base import SINGLE, Collective, DistCollective, SAE, SAEConfig, TrainStepInput, validate_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -199,18 +198,7 @@ def _setup_dist(device: torch.device) -> tuple[Collective, bool]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
 def make_sae(arch: str, d_in: int, d_sae: int, k: int | None = None, **cfg: Any) -> SAE:

@@ -26,6 +26,8 @@ class CollectConfig:
     special_tokens: str = field(default="exclude", metadata=arg(
         "which special tokens become rows: exclude, include, or a comma list of kinds to keep "
         "(bos,eos,cls,sep)"))
+    windows_per_doc: int = field(default=0, metadata=arg(
+        "keep only each document's first N windows (0: all); many documents in few tokens"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing store at --out"))
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
@@ -42,7 +44,7 @@ def collect_step(cfg: CollectConfig) -> StepResult:
     store = collect(cfg.model, list(cfg.hooks), corpus=cfg.corpus, out=cfg.out,
                     max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                     dtype=cfg.dtype or None, device=cfg.device, special_tokens=cfg.special_tokens,
-                    overwrite=cfg.overwrite, progress=cfg.progress)
+                    overwrite=cfg.overwrite, progress=cfg.progress, windows_per_doc=cfg.windows_per_doc)
     last = getattr(store, "last_run", None) or {}
     return StepResult(
         summary={"store": str(store.path), "model": store.model_name, "hooks": store.hooks,

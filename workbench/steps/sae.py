@@ -229,7 +229,7 @@ def _ce_metrics(sae, store, hook: str, n_seq: int, device) -> tuple[dict | None,
 @register("eval_sae", EvalSAEConfig, help="evaluate an SAE on a store: L0, FVU, density, CE loss recovered")
 def eval_sae_step(cfg: EvalSAEConfig) -> StepResult:
     from analyses._util import resolve_device
-    from analyses.sae import check_d_in, evaluate_sae
+    from analyses.sae import evaluate_sae
     from ..results import prepare_out
     sae = _load_sae(cfg.sae)
     store = _open_store(cfg.store)
