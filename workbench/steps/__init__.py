@@ -99,6 +99,16 @@ def make_config(name: str, config: Any = None, **overrides) -> Any:
         raise WorkbenchError(f"step {name!r}: {e}") from None
 
 
+def default_out(out: str, near: str, folder: str, name: str) -> Path:
+    """`out` when given, else WORKSPACE/<folder>/<name> in the workspace holding `near` (a store)."""
+    if out:
+        return Path(out)
+    ws = Workspace.find(near)
+    if ws is None:
+        raise WorkbenchError(f"pass --out: no workspace found above {near} to put the result in")
+    return getattr(ws, folder) / name
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 

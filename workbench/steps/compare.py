@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import StepResult, arg, register
+from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError, closest
 
 METRIC_CHOICES = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
@@ -307,22 +307,12 @@ def _heatmap(res: dict[str, Any]):
     return fig
 
 
-def _default_out(cfg: CompareConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    from ..workspace import Workspace
-    ws = Workspace.find(cfg.store_a)
-    if ws is None:
-        raise WorkbenchError("--out is required when the store is not inside a workspace")
-    name = Path(cfg.store_a).name + (f"-vs-{Path(cfg.store_b).name}" if cfg.store_b else "")
-    return ws.results / f"compare-{name}-{cfg.metric}"
-
-
 @register("compare", CompareConfig, help="layer x layer similarity (CKA, SVCCA, PWCCA, Procrustes, k-NN)")
 def compare_step(cfg: CompareConfig) -> StepResult:
     from ..results import prepare_out, write_result
 
-    out = _default_out(cfg)
+    name = Path(cfg.store_a).name + (f"-vs-{Path(cfg.store_b).name}" if cfg.store_b else "")
+    out = default_out(cfg.out, cfg.store_a, "results", f"compare-{name}-{cfg.metric}")
     if out.exists() and (out / "result.json").exists() and not cfg.overwrite:
         prepare_out(out, False, "compare result")     # raises the standard message
 

@@ -111,7 +111,7 @@ from analyses.features import FeatureStatsAccumulator, decoder_neighbours, logit
 
 from ..errors import WorkbenchError
 from ..results import atomic_write_json, prepare_out, read_result, read_tensors, write_result
-from . import StepResult, arg, register
+from . import StepResult, arg, default_out, register
 
 KIND = "features"
 VERSION = 1
@@ -398,22 +398,12 @@ def write_features(out: str | Path, meta: dict[str, Any], tensors: dict[str, tor
     return write_result(out, KIND, meta, version=VERSION, tensors=tensors, figures=figs)
 
 
-def _default_out(cfg: FeaturesConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    from ..workspace import Workspace
-    ws = Workspace.find(cfg.store)
-    if ws is None:
-        raise WorkbenchError("--out is required when the store is not inside a workspace")
-    return ws.results / f"features-{Path(cfg.sae).name}"
-
-
 # ----------------------------------------------------------------------------------------- step
 @register("features", FeaturesConfig, help="feature-dashboard data for every latent of an SAE over a store")
 def features(cfg: FeaturesConfig) -> StepResult:
     from ..store import ActivationStore
     t0 = time.time()
-    out = _default_out(cfg)
+    out = default_out(cfg.out, cfg.store, "results", f"features-{Path(cfg.sae).name}")
     store = ActivationStore.open(cfg.store)
     dev = _resolve_device(cfg.device)
     sae = _load_sae(cfg.sae, device=dev)

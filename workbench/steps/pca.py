@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import StepResult, arg, register
+from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError
 
 
@@ -48,16 +48,6 @@ class PCAConfig:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _default_out(cfg: PCAConfig, hook: str) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    from ..workspace import Workspace
-    ws = Workspace.find(cfg.store)
-    if ws is None:
-        raise WorkbenchError("--out is required when the store is not inside a workspace")
-    return ws.results / f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}"
 
 
 def _pick_hook(store, hook: str) -> str:
@@ -131,7 +121,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
         raise WorkbenchError(f"--k {cfg.k} must be between 1 and min(n_rows, d) = min({n}, {d}) = {min(n, d)}")
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    out = _default_out(cfg, hook)
+    out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
     prepare_out(out, cfg.overwrite, "PCA result")
 
     # evenly spaced sample rows, kept while streaming (for the projection plot and anisotropy)

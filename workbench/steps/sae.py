@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError, closest
-from . import StepResult, arg, register
+from . import StepResult, arg, default_out, register
 
 ARCH_CHOICES = ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"]
 FORMAT_CHOICES = ["saelens", "sparsify", "neuronpedia"]
@@ -92,14 +92,6 @@ class TrainSAEConfig:
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
 
-def _default_out(store_path: str, name: str, kind: str) -> Path:
-    from ..workspace import Workspace
-    ws = Workspace.find(store_path)
-    if ws is None:
-        raise WorkbenchError(f"pass --out (no workspace found above {store_path} to put the {kind} in)")
-    return (ws.saes if kind == "SAE" else ws.results) / name
-
-
 @register("train_sae", TrainSAEConfig, help="train a sparse autoencoder on one hook of a store")
 def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     from analyses.sae import SAETrainingError, evaluate_sae, train_sae
@@ -112,7 +104,7 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     k = cfg.k if cfg.arch in TOPK_FAMILY else None
     if k is not None and not 1 <= k <= d_sae:
         raise WorkbenchError(f"k={k} must be between 1 and d_sae={d_sae}")
-    out = Path(cfg.out) if cfg.out else _default_out(cfg.store, f"{cfg.arch}-{hook}-{d_sae}", "SAE")
+    out = default_out(cfg.out, cfg.store, "saes", f"{cfg.arch}-{hook}-{d_sae}")
     if (out / "cfg.json").exists():
         if not cfg.overwrite:
             raise WorkbenchError(f"{out} already holds an SAE; pass --overwrite to replace it or choose another --out")
@@ -240,7 +232,7 @@ def eval_sae_step(cfg: EvalSAEConfig) -> StepResult:
     dev = resolve_device(cfg.device)
     sae = sae.to(dev)
     name = Path(cfg.sae).name
-    out = Path(cfg.out) if cfg.out else _default_out(cfg.store, f"eval-{name}", "result")
+    out = default_out(cfg.out, cfg.store, "results", f"eval-{name}")
     out = prepare_out(out, cfg.overwrite, "result")
     ev = evaluate_sae(sae, store.batches(hook, cfg.batch_size, shuffle=True, seed=10_007),
                       max_tokens=cfg.max_tokens, device=dev)
