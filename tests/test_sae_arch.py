@@ -11,12 +11,7 @@ from analyses.sae.base import JumpReLUFn, StepFn
 from test_sae_helpers import mmcs, synthetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)      # shared 2-core machine: oversubscribed threads are 10x slower
-    yield
-    torch.set_num_threads(n)
+from test_sae_helpers import one_thread  # noqa: E402,F401  (autouse: 1 torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Shared helpers for the tests/test_sae_*.py files (synthetic features in superposition)."""
 
+import pytest
 import torch
 
 
@@ -19,3 +20,13 @@ def mmcs(sae, F):
     W = sae.W_dec.detach().float()
     W = W / W.norm(dim=1, keepdim=True)
     return float((F @ W.T).max(1).values.mean())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Shared 2-core machines: oversubscribed torch threads make element-wise ops ~10x slower.
+    Importing this fixture into a test module makes it apply there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

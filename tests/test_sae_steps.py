@@ -8,12 +8,7 @@ import torch
 from test_sae_helpers import mmcs, synthetic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_sae_helpers import one_thread  # noqa: E402,F401  (autouse: 1 torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from analyses.sae import SAETrainingError, train_sae
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_sae_helpers import one_thread  # noqa: E402,F401  (autouse: 1 torch thread)
 
 
 def _data(n=3000, d=16, seed=0):

@@ -100,3 +100,22 @@ def test_public_api_names_survive_submodule_imports():
     import workbench.steps  # imports every step module (and through them the data layer)
     assert callable(workbench.collect) and callable(workbench.load_model)
     assert workbench.ActivationStore.__name__ == "ActivationStore"
+
+
+def test_prepare_out_never_deletes_foreign_folders(tmp_path):
+    from workbench.results import PARTIAL_MARKER, prepare_out, write_result
+    mine = tmp_path / "user-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="did not write"):
+        prepare_out(mine, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    out = prepare_out(tmp_path / "r", overwrite=False)          # new: marked partial until complete
+    (out / "half.bin").write_bytes(b"x")
+    assert (out / PARTIAL_MARKER).exists()
+    prepare_out(out, overwrite=False)                           # half-written by us: cleared
+    assert not (out / "half.bin").exists()
+    write_result(out, "pca", {"k": 1})
+    assert not (out / PARTIAL_MARKER).exists()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_out(out, overwrite=False)                       # complete: kept unless asked
