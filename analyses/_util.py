@@ -82,3 +82,53 @@ def atomic_write(path, write, mode: str = "w") -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------- BLAS threads
+_BLAS_LOCK = None
+_BLAS_POOL = None
+_BLAS_CTL = None
+
+
+def _controller():
+    global _BLAS_CTL
+    if _BLAS_CTL is None:
+        try:
+            import numpy  # noqa: F401  (loads its BLAS so the controller sees it)
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CTL = ThreadpoolController().select(user_api="blas")
+        except Exception:  # noqa: BLE001 - no threadpoolctl or no BLAS found: run serially
+            _BLAS_CTL = False
+    return _BLAS_CTL
+
+
+def blas_threads() -> int:
+    """Threads numpy's BLAS would use for one call (1 when that cannot be found out)."""
+    ctl = _controller()
+    if not ctl or not ctl.lib_controllers:
+        return 1
+    return max(1, min(c.num_threads for c in ctl.lib_controllers))
+
+
+def blas_single_thread():
+    """Context: numpy's BLAS limited to one thread per call, yielding a thread pool with one
+    worker per former BLAS thread, so independent single-threaded products run side by side.
+    Serialised by a lock (the BLAS thread count is process-wide)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import contextmanager
+
+    global _BLAS_LOCK, _BLAS_POOL
+    if _BLAS_LOCK is None:
+        _BLAS_LOCK = threading.Lock()
+
+    @contextmanager
+    def ctx():
+        global _BLAS_POOL
+        n = blas_threads()
+        with _BLAS_LOCK:
+            if _BLAS_POOL is None or _BLAS_POOL._max_workers < n:
+                _BLAS_POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="workbench-blas")
+            with _controller().limit(limits=1):
+                yield _BLAS_POOL
+    return ctx()

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ._util import as_tensor, check_finite_rows, is_batch_iterable, resolve_device
+from ._util import as_tensor, blas_single_thread, blas_threads, check_finite_rows, is_batch_iterable, resolve_device
 
 __all__ = ["PCA", "MomentAccumulator", "svd_flip_rows", "small_linalg"]
 
@@ -71,8 +71,14 @@ class MomentAccumulator:
     """Streaming mean and (co)variance in float64 with a shift, on `device`.
 
     ``update(batch)`` adds rows; ``mean()``, ``scatter()`` (sum of centred outer products) and
-    ``covariance()`` (scatter / (n - 1)) read the result. CPU accumulation uses numpy's symmetric
-    rank-k product on float64 chunks; CUDA uses torch.
+    ``covariance()`` (scatter / (n - 1)) read the result.
+
+    On CPU a batch is cut into row blocks that the BLAS threads share out: each thread centres its
+    own cache-sized chunks and takes their symmetric rank-k product (syrk) single-threaded into
+    its own float64 sums, which are added at the end. One multi-threaded syrk per chunk would
+    leave a core idle (or spinning) while the other centres the next chunk; this way both cores do
+    both. Sums therefore depend on the thread count at the last float64 digit (~1e-16 relative),
+    nothing more. CUDA uses torch on the device.
     """
 
     def __init__(self, d: int | None = None, device: torch.device | str = "cpu", name: str = "X",
@@ -86,24 +92,26 @@ class MomentAccumulator:
         self.name = name
         self.check_finite = check_finite
         self._shift = None      # float64 [d]
-        self._sum = None        # float64 [d]: sum of (x - shift)
-        self._S = None          # float64 [d, d]: sum of (x - shift)(x - shift)^T
-        self._buf = None
+        self._sum = None        # float64 [d] per CPU worker: sum of (x - shift)
+        self._S = None          # float64 [d, d] per CPU worker: sum of (x - shift)(x - shift)^T
+        self._bufs: dict[int, np.ndarray] = {}
 
     def _init(self, first: torch.Tensor) -> None:
         d = first.shape[1]
         if self.d is not None and self.d != d:
             raise ValueError(f"{self.name}: batch has {d} columns, expected {self.d}")
         self.d = d
-        shift = first.to(torch.float64).mean(0)
+        head = first[:1024]
+        shift = head.cpu().numpy().mean(0, dtype=np.float64) if head.device.type == "cpu" and \
+            head.dtype in (torch.float32, torch.float64) else head.to(torch.float64).mean(0).cpu().numpy()
         if self.precision == "mixed":
-            shift = shift.float().double()   # representable in float32: float32 chunks centre exactly on it
+            shift = shift.astype(np.float32).astype(np.float64)   # float32 chunks centre exactly on it
         if self.device.type == "cpu":
-            self._shift = shift.cpu().numpy()
-            self._sum = np.zeros(d)
-            self._S = np.zeros((d, d))
+            self._shift = shift
+            self._shift32 = shift.astype(np.float32)
+            self._sum, self._S = [], []
         else:
-            self._shift = shift.to(self.device)
+            self._shift = torch.from_numpy(shift).to(self.device)
             self._sum = torch.zeros(d, dtype=torch.float64, device=self.device)
             self._S = torch.zeros((d, d), dtype=torch.float64, device=self.device)
 
@@ -112,65 +120,108 @@ class MomentAccumulator:
         if b.shape[0] == 0:
             return self
         if self._S is None:
-            self._init(b[:CHUNK_ROWS])
+            self._init(b)
         if b.shape[1] != self.d:
             raise ValueError(f"{self.name}: batch has {b.shape[1]} columns, expected {self.d} "
                              f"(shape {tuple(b.shape)})")
-        for s in range(0, b.shape[0], CHUNK_ROWS):
-            self._update_chunk(b[s:s + CHUNK_ROWS])
+        if self.device.type == "cpu":
+            self._update_cpu(b.cpu())
+        else:
+            for s in range(0, b.shape[0], CHUNK_ROWS):
+                self._update_cuda(b[s:s + CHUNK_ROWS])
         return self
 
-    def _update_chunk(self, c: torch.Tensor) -> None:
-        m = c.shape[0]
-        if self.device.type == "cpu":
-            c = c.cpu()
+    # ---------------------------------------------------------------- CPU
+    def _chunk_rows(self) -> int:
+        item = 4 if self.precision == "mixed" else 8
+        return int(min(CHUNK_ROWS, max(256, (8 << 20) // (self.d * item))))
+
+    def _update_cpu(self, b: torch.Tensor) -> None:
+        m, rows = b.shape[0], self._chunk_rows()
+        workers = min(blas_threads(), -(-m // rows))
+        while len(self._S) < max(workers, 1):      # one float64 accumulator per worker
+            self._S.append(np.zeros((self.d, self.d)))
+            self._sum.append(np.zeros(self.d))
+        if workers <= 1:
+            self._accumulate(0, b, self.n)
+        else:
+            per = -(-m // workers)
+            parts = [(i, b[s:s + per], self.n + s) for i, s in enumerate(range(0, m, per))]
+            with blas_single_thread() as pool:
+                futures = [pool.submit(self._accumulate, *p) for p in parts]
+                errors = [f.exception() for f in futures]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
+        self.n += m
+
+    def _accumulate(self, w: int, b: torch.Tensor, offset: int) -> None:
+        """Worker `w`: centre `b` chunk by chunk on the shift and add its sums (rows start at `offset`)."""
+        dt = np.float32 if self.precision == "mixed" else np.float64
+        shift = self._shift32 if dt is np.float32 else self._shift
+        rows = self._chunk_rows()
+        buf = self._bufs.get(w)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dt:
+            buf = self._bufs[w] = np.empty((rows, self.d), dtype=dt)
+        S, total = self._S[w], self._sum[w]
+        for s in range(0, b.shape[0], rows):
+            c = b[s:s + rows]
             if c.dtype not in (torch.float32, torch.float64):
                 c = c.to(torch.float32)
             a = c.numpy()
-            # precision="mixed": centre in float32 (exact when x and the shift are close: Sterbenz) and
-            # take each chunk's product in float32, accumulating chunks in float64 - the speed of a
-            # float32 GEMM without the large-mean cancellation of X^T X - n mu mu^T (relative error
-            # ~1e-7 typical, ~1e-5 with a mean 1e4 x the spread, vs 3e-4 for sklearn's float32 path).
-            dt = np.float32 if self.precision == "mixed" else np.float64
-            if self._buf is None or self._buf.shape[0] < m or self._buf.dtype != dt:
-                self._buf = np.empty((max(m, min(CHUNK_ROWS, m)), self.d), dtype=dt)
-            buf = self._buf[:m]
-            np.subtract(a, self._shift.astype(dt), out=buf)
-            colsum = buf.sum(0).astype(np.float64)   # per chunk in the chunk's dtype, across chunks float64
+            x = buf[:a.shape[0]]
+            # precision="mixed": centre in float32 (exact when x and the shift are close: Sterbenz)
+            # and take each chunk's product in float32, adding chunks in float64: the speed of a
+            # float32 product without the large-mean cancellation of X^T X - n mu mu^T (relative
+            # error ~1e-7 typical, ~1e-5 with a mean 1e4 x the spread, vs 3e-4 for float32 X^T X).
+            np.subtract(a, shift, out=x)
+            colsum = x.sum(0, dtype=np.float64) if dt is np.float64 else x.sum(0).astype(np.float64)
             if self.check_finite and not np.isfinite(colsum).all():
-                check_finite_rows(c, self.name, offset=self.n)
+                check_finite_rows(c, self.name, offset=offset + s)
                 raise ValueError(f"{self.name}: values too large: the float64 sums overflow "
-                                 f"(rows {self.n}..{self.n + m - 1})")
-            self._sum += colsum
-            self._S += buf.T @ buf          # numpy -> BLAS syrk (symmetric rank-k update)
-        else:
-            c = c.to(self.device, non_blocking=True)
-            buf = c.to(torch.float64) - self._shift
-            colsum = buf.sum(0)
-            if self.check_finite and not bool(torch.isfinite(colsum).all()):
-                check_finite_rows(c, self.name, offset=self.n)
-                raise ValueError(f"{self.name}: values too large: the float64 sums overflow")
-            self._sum += colsum
-            self._S.addmm_(buf.T, buf)
-        self.n += m
+                                 f"(rows {offset + s}..{offset + s + a.shape[0] - 1})")
+            total += colsum
+            S += x.T @ x                                   # numpy -> BLAS syrk
+    # ---------------------------------------------------------------- CUDA
+    def _update_cuda(self, c: torch.Tensor) -> None:
+        c = c.to(self.device, non_blocking=True)
+        buf = c.to(torch.float64) - self._shift
+        colsum = buf.sum(0)
+        if self.check_finite and not bool(torch.isfinite(colsum).all()):
+            check_finite_rows(c, self.name, offset=self.n)
+            raise ValueError(f"{self.name}: values too large: the float64 sums overflow")
+        self._sum += colsum
+        self._S.addmm_(buf.T, buf)
+        self.n += c.shape[0]
 
     # ---------------------------------------------------------------- results
-    def _t(self, a) -> torch.Tensor:
-        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    def _totals(self):
+        if isinstance(self._S, list):
+            return self._sum_list(self._sum), self._sum_list(self._S)
+        return self._sum, self._S
+
+    @staticmethod
+    def _sum_list(xs):
+        out = xs[0].copy()
+        for x in xs[1:]:
+            out += x
+        return out
 
     def mean(self) -> torch.Tensor:
         self._need()
-        return self._t(self._shift + self._sum / self.n).clone()
+        total, _ = self._totals()
+        mean = self._shift + total / self.n
+        return torch.from_numpy(mean) if isinstance(mean, np.ndarray) else mean.clone()
 
     def scatter(self) -> torch.Tensor:
         """sum_i (x_i - mean)(x_i - mean)^T, float64 [d, d] on the accumulator's device."""
         self._need()
-        delta = self._sum / self.n
+        total, S = self._totals()
+        delta = total / self.n
         if isinstance(delta, np.ndarray):
-            S = self._S - self.n * np.outer(delta, delta)
-            S = (S + S.T) * 0.5
-            return torch.from_numpy(S)
-        S = self._S - self.n * torch.outer(delta, delta)
+            S = S - self.n * np.outer(delta, delta)
+            return torch.from_numpy((S + S.T) * 0.5)
+        S = S - self.n * torch.outer(delta, delta)
         return (S + S.T) * 0.5
 
     def covariance(self) -> torch.Tensor:

@@ -241,3 +241,48 @@ def test_mixed_precision_is_close_and_beats_float32_covariance():
     assert np.abs(np.abs((mixed.components_.numpy() * ref.components_).sum(1)) - 1).max() < 1e-6
     with pytest.raises(ValueError, match="precision"):
         PCA(3, precision="half")
+
+
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_cpu_accumulator_split_over_threads_equals_serial(monkeypatch, precision):
+    """On CPU the accumulator shares a batch out to one single-threaded BLAS product per core; the
+    split must change nothing but float64 rounding (mixed: float32 chunk rounding), must report the
+    first bad row across workers, and must leave numpy's BLAS thread count as it found it."""
+    import analyses.pca as P
+    from analyses import _util
+    from analyses.pca import MomentAccumulator
+
+    X = lowrank(n=30000, d=30, seed=11, offset=50.0).astype(np.float32)
+    ref = np.cov(X.astype(np.float64), rowvar=False)
+    before = _util.blas_threads()
+    out = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(P, "blas_threads", lambda w=workers: w)
+        acc = MomentAccumulator(30, "cpu", precision=precision).update(X)
+        assert len(acc._S) == workers                    # really split (rows per chunk < 30000 / 3)
+        out[workers] = acc.covariance().numpy(), acc.mean().numpy()
+        err = np.abs(out[workers][0] - ref).max() / np.abs(ref).max()
+        assert err < (1e-14 if precision == "float64" else 1e-6), err
+    tol = 1e-14 if precision == "float64" else 1e-6
+    np.testing.assert_allclose(out[3][0], out[1][0], rtol=0, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(out[3][1], X.astype(np.float64).mean(0), rtol=1e-12 if precision == "float64" else 1e-7)
+    assert _util.blas_threads() == before
+
+    Xbad = X.copy()
+    Xbad[25001, 3] = np.nan                              # in the last worker's rows
+    Xbad[29999, 0] = np.inf
+    with pytest.raises(ValueError, match="first bad row: 25001"):
+        MomentAccumulator(30, "cpu", precision=precision).update(Xbad)
+    assert _util.blas_threads() == before
+
+
+def test_accumulator_without_threadpoolctl_runs_serially(monkeypatch):
+    from analyses import _util
+    from analyses.pca import MomentAccumulator
+
+    monkeypatch.setattr(_util, "_BLAS_CTL", False)
+    assert _util.blas_threads() == 1
+    X = lowrank(n=20000, d=12, seed=12)
+    acc = MomentAccumulator(12, "cpu").update(X)
+    assert len(acc._S) == 1
+    np.testing.assert_allclose(acc.covariance().numpy(), np.cov(X, rowvar=False), rtol=1e-12, atol=1e-12)
