@@ -4,8 +4,11 @@
    google-research colab code) at a size that fits (--gram-n), and ours at that same size.
 2. layer x layer linear CKA: 30 synthetic hooks x 20k rows x 576 (analyses.similarity_matrix).
 3. SVCCA and PWCCA against straightforward numpy ports of google/svcca (tests/ref_similarity.py).
+4. (--real) the real thing: all 30 resid_post hooks of smollm2-135m collected on 20k tokens of the
+   builtin corpus, then the `compare` step's layer x layer linear CKA on that store (collection is
+   timed separately; --store reuses a store collected earlier).
 
-    .venv/bin/python benchmarks/bench_similarity.py [--quick]
+    .venv/bin/python benchmarks/bench_similarity.py [--quick] [--real [--store PATH]]
 
 Synthetic data (stated): hooks are a shared low-rank signal mixed differently per layer plus noise.
 Ratios are baseline seconds / our seconds (> 1: we are faster).
@@ -58,6 +61,9 @@ def main() -> None:
     ap.add_argument("--cca-n", type=int, default=20_000)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--skip-matrix", action="store_true")
+    ap.add_argument("--real", action="store_true", help="also time smollm2-135m, 30 layers x 20k tokens")
+    ap.add_argument("--store", default="", help="with --real: a store to reuse (collected if missing)")
+    ap.add_argument("--real-tokens", type=int, default=20_000)
     a = ap.parse_args()
     if a.quick:
         a.n, a.gram_n, a.hooks, a.hook_rows, a.cca_n = 20_000, 2000, 6, 5000, 5000
@@ -101,6 +107,35 @@ def main() -> None:
         t_ours, v_ours = timed(ours)
         print(f"    {name:16s} port {t_ref:7.2f} s, ours {t_ours:6.2f} s -> ratio {t_ref / t_ours:5.1f}x "
               f"(target >= 3); |diff| {abs(v_ref - v_ours):.1e}")
+
+    if a.real:
+        real_model(a)
+
+
+def real_model(a) -> None:
+    """[4] smollm2-135m: every layer's residual stream on real text, the compare step's matrix."""
+    import tempfile
+
+    from workbench.collector import collect
+    from workbench.steps.compare import compare_matrix
+    from workbench.store import MANIFEST, ActivationStore
+
+    tmp = None
+    path = Path(a.store) if a.store else Path(tmp := tempfile.mkdtemp(prefix="bench-cka-")) / "smollm2-30"
+    if not (path / MANIFEST).exists():
+        t_col, _ = timed(lambda: collect("smollm2-135m", "blocks.*.hook_resid_post", out=path,
+                                         max_tokens=a.real_tokens, device="cpu", overwrite=True))
+        print(f"\n[4] collected smollm2-135m resid_post, all layers, {a.real_tokens} tokens: {t_col:.1f} s")
+    store = ActivationStore.open(path)
+    hooks = list(store.hooks)
+    t_cmp, res = timed(lambda: compare_matrix(store, hooks_a=hooks, metric="linear_cka", device="cpu"))
+    M = res["matrix"]
+    print(f"    layer x layer linear CKA, {len(hooks)} hooks x {res['n_rows']} tokens of smollm2-135m: "
+          f"{t_cmp:.1f} s (target < 60 s on CPU); adjacent-layer mean "
+          f"{float(torch.diagonal(M, 1).mean()):.3f}, first vs last {float(M[0, -1]):.3f}")
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
