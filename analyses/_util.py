@@ -113,20 +113,23 @@ def blas_threads() -> int:
 def blas_single_thread():
     """Context: numpy's BLAS limited to one thread per call, yielding a thread pool with one
     worker per former BLAS thread, so independent single-threaded products run side by side.
-    Serialised by a lock (the BLAS thread count is process-wide)."""
+    Serialised by a lock (the BLAS thread count is process-wide); a forked child makes its own
+    pool and lock (threads do not survive a fork)."""
+    import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import contextmanager
 
     global _BLAS_LOCK, _BLAS_POOL
-    if _BLAS_LOCK is None:
-        _BLAS_LOCK = threading.Lock()
+    if _BLAS_LOCK is None or _BLAS_LOCK[0] != os.getpid():
+        _BLAS_LOCK = (os.getpid(), threading.Lock())
+        _BLAS_POOL = None
 
     @contextmanager
     def ctx():
         global _BLAS_POOL
         n = blas_threads()
-        with _BLAS_LOCK:
+        with _BLAS_LOCK[1]:
             if _BLAS_POOL is None or _BLAS_POOL._max_workers < n:
                 _BLAS_POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="workbench-blas")
             with _controller().limit(limits=1):

@@ -286,3 +286,23 @@ def test_accumulator_without_threadpoolctl_runs_serially(monkeypatch):
     acc = MomentAccumulator(12, "cpu").update(X)
     assert len(acc._S) == 1
     np.testing.assert_allclose(acc.covariance().numpy(), np.cov(X, rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def test_accumulator_works_in_a_forked_child():
+    """The worker pool is per process: a child forked after a fit must not wait on the parent's
+    (non-existent) threads."""
+    import multiprocessing as mp
+
+    from analyses.pca import MomentAccumulator
+
+    X = lowrank(n=30000, d=20, seed=13)
+    MomentAccumulator(20, "cpu").update(X)               # parent creates its pool
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        cov = pool.apply_async(_child_cov, (X,)).get(timeout=30)
+    np.testing.assert_allclose(cov, np.cov(X, rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def _child_cov(X):
+    from analyses.pca import MomentAccumulator
+    return MomentAccumulator(X.shape[1], "cpu").update(X).covariance().numpy()
