@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ._util import as_tensor
-from .pca import CHUNK_ROWS, MomentAccumulator, small_linalg, svd_flip_rows
+from .moments import CHUNK_ROWS, MomentAccumulator, small_linalg
+from .pca import svd_flip_rows
 
 __all__ = ["linear_cka", "rbf_cka", "minibatch_cka", "cca", "svcca", "pwcca",
            "procrustes_distance", "mutual_knn", "similarity_matrix", "METRICS"]

@@ -116,7 +116,6 @@ def main() -> None:
 
     from sklearn.decomposition import PCA as SKPCA
     from analyses.pca import PCA
-    from workbench.store import ActivationStore
 
     try:
         from threadpoolctl import threadpool_info

@@ -248,9 +248,9 @@ def test_cpu_accumulator_split_over_threads_equals_serial(monkeypatch, precision
     """On CPU the accumulator shares a batch out to one single-threaded BLAS product per core; the
     split must change nothing but float64 rounding (mixed: float32 chunk rounding), must report the
     first bad row across workers, and must leave numpy's BLAS thread count as it found it."""
-    import analyses.pca as P
+    import analyses.moments as P
     from analyses import _util
-    from analyses.pca import MomentAccumulator
+    from analyses.moments import MomentAccumulator
 
     X = lowrank(n=30000, d=30, seed=11, offset=50.0).astype(np.float32)
     ref = np.cov(X.astype(np.float64), rowvar=False)
@@ -278,7 +278,7 @@ def test_cpu_accumulator_split_over_threads_equals_serial(monkeypatch, precision
 
 def test_accumulator_without_threadpoolctl_runs_serially(monkeypatch):
     from analyses import _util
-    from analyses.pca import MomentAccumulator
+    from analyses.moments import MomentAccumulator
 
     monkeypatch.setattr(_util, "_BLAS_CTL", False)
     assert _util.blas_threads() == 1
@@ -293,7 +293,7 @@ def test_accumulator_works_in_a_forked_child():
     (non-existent) threads."""
     import multiprocessing as mp
 
-    from analyses.pca import MomentAccumulator
+    from analyses.moments import MomentAccumulator
 
     X = lowrank(n=30000, d=20, seed=13)
     MomentAccumulator(20, "cpu").update(X)               # parent creates its pool
@@ -304,5 +304,5 @@ def test_accumulator_works_in_a_forked_child():
 
 
 def _child_cov(X):
-    from analyses.pca import MomentAccumulator
+    from analyses.moments import MomentAccumulator
     return MomentAccumulator(X.shape[1], "cpu").update(X).covariance().numpy()
