@@ -132,13 +132,15 @@ def main() -> None:
 
     res = {}
     # the three close contenders are timed interleaved (best of --repeat rounds), so a slow spell
-    # of the machine hits all of them alike
+    # of the machine hits all of them alike; a pause before each lets the previous run's BLAS
+    # threads stop spinning (OpenBLAS busy-waits ~0.1 s after a call), which would tax the next one
     fits = {"ours in-memory (exact)": lambda: PCA(k, device="cpu").fit(Xt),
             "sklearn covariance_eigh": lambda: SKPCA(k, svd_solver="covariance_eigh").fit(X),
             "ours in-memory (mixed)": lambda: PCA(k, device="cpu", precision="mixed").fit(Xt)}
     out = {}
     for _ in range(a.repeat):
         for name, fn in fits.items():
+            time.sleep(0.5)
             t, out[name] = best(fn, 1)
             res[name] = min(t, res.get(name, float("inf")))
     ours, sk_cov, mixed = (out[name] for name in fits)
