@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ._util import as_tensor, is_batch_iterable, resolve_device
+from ._util import as_tensor, check_finite_rows, is_batch_iterable, resolve_device
 from .moments import CHUNK_ROWS, MomentAccumulator, as_batch, small_linalg
 
 __all__ = ["PCA", "svd_flip_rows"]
@@ -100,7 +100,7 @@ class PCA:
         if is_batch_iterable(X) or callable(X):
             src = X() if callable(X) else X
             return self._fit_stream(src)
-        X = as_tensor(X, name="X", check_finite=self.method == "randomized")
+        X = as_tensor(X, name="X", check_finite=False)      # both paths check NaN/inf on the way
         n, d = X.shape
         self._check_k(n, d)
         if self.method == "randomized":
@@ -167,14 +167,17 @@ class PCA:
         return int(self.n_iter)
 
     def _fit_randomized(self, X: torch.Tensor) -> "PCA":
-        """Halko et al. on the centred data (implicit copy chunk-wise in float64 when X is)."""
+        """Halko et al. on one centred copy of X (float64 when X is, else float32, as scikit-learn)."""
         dev = self._device_for(X)
         n, d = X.shape
         k = self.n_components
         l = min(k + self.n_oversamples, min(n, d))
         cdt = torch.float64 if X.dtype == torch.float64 else torch.float32
-        mean = X.to(dev).to(torch.float64).mean(0) if n * d < 5e7 else _chunked_mean(X, dev)
-        Xc = (X.to(dev).to(cdt) - mean.to(cdt))           # centred copy (as scikit-learn)
+        mean = _mean_checked(X, dev)                      # float64; names the first NaN/inf row
+        if dev.type == "cpu" and X.device.type == "cpu" and X.dtype == cdt:
+            Xc = torch.from_numpy(np.subtract(X.numpy(), mean.to(cdt).numpy()))   # numpy: ~2x torch here
+        else:
+            Xc = X.to(dev).to(cdt) - mean.to(cdt)
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         omega = torch.randn(d, l, generator=g, dtype=torch.float64).to(dev, cdt)
         Q = Xc @ omega
@@ -187,9 +190,7 @@ class PCA:
             _, S, Vt = torch.linalg.svd(B, full_matrices=False)
         V = svd_flip_rows(Vt[:k].contiguous())
         ev = S[:k] ** 2 / (n - 1)
-        total = float((Xc.to(torch.float64) ** 2).sum() / (n - 1)) if n * d < 5e7 else \
-            float(sum(float((Xc[s:s + CHUNK_ROWS].to(torch.float64) ** 2).sum())
-                      for s in range(0, n, CHUNK_ROWS)) / (n - 1))
+        total = _sum_sq(Xc) / (n - 1)
         self._set(V, ev, mean, n, d, total)
         return self
 
@@ -319,8 +320,27 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return Q
 
 
-def _chunked_mean(X: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    s = torch.zeros(X.shape[1], dtype=torch.float64, device=dev)
-    for i in range(0, X.shape[0], CHUNK_ROWS):
-        s += X[i:i + CHUNK_ROWS].to(dev).to(torch.float64).sum(0)
-    return s / X.shape[0]
+def _mean_checked(X: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Column means in float64 on `dev`; a non-finite mean means a NaN/inf row (named) or overflow."""
+    if X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64):
+        with np.errstate(over="ignore", invalid="ignore"):              # reported below
+            mean = torch.from_numpy(X.numpy().mean(0, dtype=np.float64)).to(dev)   # numpy: ~5x torch here
+    else:
+        mean = torch.zeros(X.shape[1], dtype=torch.float64, device=dev)
+        for i in range(0, X.shape[0], CHUNK_ROWS):
+            mean += X[i:i + CHUNK_ROWS].to(dev).to(torch.float64).sum(0)
+        mean /= X.shape[0]
+    if not bool(torch.isfinite(mean).all()):
+        check_finite_rows(X, "X")
+        raise ValueError("X: values too large: the float64 column sums overflow")
+    return mean
+
+
+def _sum_sq(Xc: torch.Tensor) -> float:
+    """||Xc||_F^2 accumulated in float64, chunk by chunk (no float64 copy of Xc)."""
+    if Xc.device.type == "cpu":
+        a = Xc.numpy()
+        return float(sum(float(np.square(a[s:s + CHUNK_ROWS]).sum(dtype=np.float64))
+                         for s in range(0, a.shape[0], CHUNK_ROWS)))
+    return float(sum(float((Xc[s:s + CHUNK_ROWS].to(torch.float64) ** 2).sum())
+                     for s in range(0, Xc.shape[0], CHUNK_ROWS)))

@@ -141,6 +141,10 @@ def test_errors():
         PCA(3).fit(np.array_split(bad2, 5))            # streaming names the global row
     with pytest.raises(ValueError, match="first bad row: 33"):
         PCA(3, method="randomized").fit(bad2)
+    with pytest.raises(ValueError, match="first bad row: 17"):
+        PCA(3, method="randomized").fit(torch.from_numpy(bad).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="too large"):             # finite, but the sums overflow
+        PCA(3, method="randomized").fit(np.full((50, 10), 1e308))
     with pytest.raises(ValueError, match="columns"):
         PCA(3).fit([X[:20], X[20:, :5]])
     with pytest.raises(ValueError, match="method"):
