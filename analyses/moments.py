@@ -76,6 +76,7 @@ class MomentAccumulator:
         self._sum = None        # float64 [d] per CPU worker: sum of (x - shift)
         self._S = None          # float64 [d, d] per CPU worker: sum of (x - shift)(x - shift)^T
         self._bufs: dict[int, np.ndarray] = {}
+        self._numpy = self.device.type == "cpu"   # False: the torch path (CUDA; tests run it on CPU)
 
     def _init(self, first: torch.Tensor) -> None:
         d = first.shape[1]
@@ -87,7 +88,7 @@ class MomentAccumulator:
             head.dtype in (torch.float32, torch.float64) else head.to(torch.float64).mean(0).cpu().numpy()
         if self.precision == "mixed":
             shift = shift.astype(np.float32).astype(np.float64)   # float32 chunks centre exactly on it
-        if self.device.type == "cpu":
+        if self._numpy:
             self._shift = shift
             self._shift32 = shift.astype(np.float32)
             self._sum, self._S = [], []
@@ -105,11 +106,11 @@ class MomentAccumulator:
         if b.shape[1] != self.d:
             raise ValueError(f"{self.name}: batch has {b.shape[1]} columns, expected {self.d} "
                              f"(shape {tuple(b.shape)})")
-        if self.device.type == "cpu":
+        if self._numpy:
             self._update_cpu(b.cpu())
         else:
             for s in range(0, b.shape[0], CHUNK_ROWS):
-                self._update_cuda(b[s:s + CHUNK_ROWS])
+                self._update_torch(b[s:s + CHUNK_ROWS])
         return self
 
     # ---------------------------------------------------------------- CPU
@@ -163,8 +164,8 @@ class MomentAccumulator:
                                  f"(rows {offset + s}..{offset + s + a.shape[0] - 1})")
             total += colsum
             S += x.T @ x                                   # numpy -> BLAS syrk
-    # ---------------------------------------------------------------- CUDA
-    def _update_cuda(self, c: torch.Tensor) -> None:
+    # ---------------------------------------------------------------- CUDA (torch on the device)
+    def _update_torch(self, c: torch.Tensor) -> None:
         c = c.to(self.device, non_blocking=True)
         buf = c.to(torch.float64) - self._shift
         colsum = buf.sum(0)

@@ -310,3 +310,28 @@ def test_accumulator_works_in_a_forked_child():
 def _child_cov(X):
     from analyses.moments import MomentAccumulator
     return MomentAccumulator(X.shape[1], "cpu").update(X).covariance().numpy()
+
+
+def test_accumulator_torch_path_equals_numpy_path():
+    """The torch branch is what CUDA runs; on CPU it must give what the numpy branch gives, NaN
+    rows included (the GPU itself is exercised by benchmarks/bench_pca.py where one exists)."""
+    from analyses.moments import MomentAccumulator
+
+    X = lowrank(n=20000, d=25, seed=14, offset=1e3)
+    accs = []
+    for torch_path in (False, True):
+        acc = MomentAccumulator(25, "cpu")
+        acc._numpy = not torch_path
+        for b in np.array_split(X, 7):
+            acc.update(torch.from_numpy(b))
+        accs.append(acc)
+    assert isinstance(accs[1]._S, torch.Tensor)              # really the torch branch
+    np.testing.assert_allclose(accs[1].covariance().numpy(), np.cov(X, rowvar=False), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(accs[1].covariance().numpy(), accs[0].covariance().numpy(), rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(accs[1].mean().numpy(), X.mean(0), rtol=1e-13)
+    bad = X.copy()
+    bad[12345, 2] = np.nan
+    acc = MomentAccumulator(25, "cpu")
+    acc._numpy = False
+    with pytest.raises(ValueError, match="first bad row: 12345"):
+        acc.update(bad)
