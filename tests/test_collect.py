@@ -319,3 +319,48 @@ def test_minilm_rows_equal_hf(tmp_path):
         for layer, h in ((2, "blocks.2.hook_resid_post"), (5, "blocks.5.hook_resid_post")):
             diff = (s.read(h)[sel] - hs[layer + 1][0, pos]).abs().max().item()
             assert diff <= 1e-4, (q, h, diff)
+
+
+def test_prepend_bos_needs_a_bos(tiny, tmp_path):
+    with pytest.raises(WorkbenchError, match="no BOS token"):
+        collect(tiny, HOOKS[:1], out=tmp_path / "b", max_tokens=50, prepend_bos=True, progress=False)
+    s = collect(tiny, HOOKS[:1], out=tmp_path / "a", max_tokens=50, progress=False)   # auto: no BOS here
+    assert s.prepend_bos is False and s.manifest["extra"]["prepend_bos"] is False
+
+
+@pytest.mark.slow
+def test_smollm2_windows_start_with_bos_and_its_row_is_dropped(tmp_path):
+    """SmolLM2's tokenizer adds no BOS, so the first text token of every window became an attention
+    sink (row norms ~100x the median). As TransformerLens does, the collector prepends BOS for causal
+    models and excludes its row; only windows whose first text token is a delimiter keep a sink."""
+    from workbench.models import load_model
+
+    smol = load_model("smollm2-135m", device="cpu")
+    bos = smol.text_bos_id                 # ChatML tokenizer: <|endoftext|>, not <|im_start|>
+    assert smol.tokenizer.convert_ids_to_tokens(bos) == "<|endoftext|>"
+    hook = "blocks.15.hook_resid_post"
+    kw = dict(max_tokens=1500, seq_len=40, batch_size=8, progress=False)
+    s = collect(smol, [hook], out=tmp_path / "bos", **kw)
+    rows, seqs = s.rows(), s.sequences()
+    assert s.prepend_bos is True and s.manifest["special_tokens"]["special_ids"]["bos"] == bos
+    assert bool((seqs["token_ids"][:, 0] == bos).all()) and s.n_seq >= 30
+    assert int(rows["position"].min()) == 1                       # the BOS row is not stored
+    X = s.read(hook)
+    # what is left of the sink: a delimiter ("\n", ".") right after BOS, in a few windows only
+    n0 = collect(smol, [hook], out=tmp_path / "nobos", prepend_bos=False, **kw)
+    for store, at_most in ((s, 0.4), (n0, 1.0)):
+        r, Y = store.rows(), store.read(hook)
+        norms = Y.norm(dim=1)
+        first = (norms > 10 * norms.median())[r["position"] == int(r["position"].min())]
+        assert float(first.float().mean()) <= at_most, (store.prepend_bos, float(first.float().mean()))
+    r0 = n0.rows()
+    assert n0.prepend_bos is False and int(r0["position"].min()) == 0
+    n0n = n0.read(hook).norm(dim=1)
+    assert float(n0n[r0["position"] == 0].min() / n0n.median()) > 30   # every window's first row: a sink
+    # a row is the model's activation on [BOS] + text at that position
+    q = int(rows["seq_index"][0])
+    ids = seqs["token_ids"][q][seqs["attention_mask"][q]][None]
+    ref = smol.run(ids, torch.ones_like(ids, dtype=torch.bool), [hook])[hook][0]
+    sel = (rows["seq_index"] == q).nonzero()[:, 0]
+    assert (X[sel] - ref[rows["position"][sel]]).abs().max().item() < 1e-3
+

@@ -80,6 +80,16 @@ def test_pack_one_document_per_window():
     assert [inv[i] for w in ws if w.doc_id == 0 for i in w.ids[1:]] == [f"a{i}" for i in range(10)]
 
 
+def test_pack_prepends_bos_once():
+    docs = [Document(0, "a", " ".join(f"a{i}" for i in range(9)))]
+    plain = list(pack(docs, WordTokenizer(), seq_len=5, bos_id=7))          # tokenizer adds none
+    assert all(w.ids[0] == 7 and len(w.ids) <= 5 for w in plain)
+    assert [len(w.ids) for w in plain] == [5, 5, 2]                          # BOS + 4, 4, 1 body tokens
+    own = list(pack(docs, WordTokenizer(bos=7), seq_len=5, bos_id=7))       # tokenizer adds it already
+    assert [w.ids for w in own] == [w.ids for w in plain]
+    assert list(pack(docs, WordTokenizer(), seq_len=5))[0].ids[0] != 7      # off unless asked
+
+
 def test_pack_bert_wrapping(bert_tok):
     assert special_wrapping(bert_tok) == ([bert_tok.cls_token_id], [bert_tok.sep_token_id])
     docs = [Document(0, "x", "hello there " * 50)]

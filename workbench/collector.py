@@ -28,6 +28,11 @@ Special tokens (``special_tokens``): ``"exclude"`` (default: BOS/EOS/CLS/SEP/PAD
 rows), ``"include"`` (every real token becomes a row), or a comma list of the kinds to keep as
 rows, e.g. ``"bos"`` or ``"cls,sep"`` (the others are excluded). The manifest records the mode and
 the excluded ids.
+
+BOS (``prepend_bos``, default: as TransformerLens, on for causal models with a BOS token): every
+window starts with the model's document-start token (``Model.text_bos_id``), whose row the default
+``special_tokens="exclude"`` drops. Without it the first text token of each window becomes the
+attention sink (SmolLM2: row norms ~100x the median; one PCA direction holding >99% of the variance).
 """
 
 from __future__ import annotations
@@ -95,10 +100,15 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
             max_tokens: int = 50_000, seq_len: int = 128, batch_size: int = 16,
             dtype: torch.dtype | str | None = None, device: str = "auto",
             special_tokens: str = "exclude", overwrite: bool = False, progress: bool = True,
-            shard_mb: float = 32, windows_per_doc: int = 0) -> ActivationStore:
+            shard_mb: float = 32, windows_per_doc: int = 0,
+            prepend_bos: bool | None = None) -> ActivationStore:
     """Collect activations into a store at ``out`` (see the module docstring). ``model`` is a
     loaded Model or a model spec string; ``dtype`` is the storage dtype (float32 / float16 /
-    bfloat16; default: the model's dtype when it is one of those, else float32)."""
+    bfloat16; default: the model's dtype when it is one of those, else float32). ``prepend_bos``
+    (None: as TransformerLens, True for causal models with a BOS token) starts every window with
+    BOS; with the default ``special_tokens="exclude"`` that token's row is not stored, so the
+    attention-sink activations of a model's first position (norms ~100x the rest in SmolLM2)
+    land on BOS instead of on the first real token."""
     if out is None or str(out) == "":
         raise WorkbenchError("collect needs an output folder (--out PATH)")
     out = Path(out)
@@ -129,7 +139,18 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
         dtype = model.dtype if model.dtype in DTYPES.values() else torch.float32
     dname = dtype_name(dtype)
     st_dtype = DTYPES[dname]
-    mode, excluded = _excluded_ids(special_tokens, dict(model.special_ids))
+    special = dict(model.special_ids)
+    bos = getattr(model, "text_bos_id", special.get("bos"))
+    if prepend_bos is None:
+        prepend_bos = (getattr(model, "kind", None) == "causal" and bos is not None and
+                       bool(getattr(getattr(model.bridge, "cfg", None), "default_prepend_bos", True)))
+    elif prepend_bos and bos is None:
+        raise WorkbenchError(f"{model.name} has no BOS token to prepend; collect with prepend_bos=False "
+                             "(--prepend-bos no)")
+    prepend_bos = bool(prepend_bos)
+    if prepend_bos:
+        special["bos"] = int(bos)        # the token we put first is the BOS that special_tokens means
+    mode, excluded = _excluded_ids(special_tokens, special)
     bytes_per_token = sum(dims.values()) * st_dtype.itemsize
     shard_batches = max(1, int(shard_mb * (1 << 20)) // (batch_size * seq_len * bytes_per_token))
 
@@ -139,7 +160,8 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
         "device": dev.type, "hooks": resolved, "corpus": fingerprint, "max_tokens": max_tokens,
         "seq_len": seq_len, "batch_size": batch_size, "dtype": dname,
         "special_tokens": mode, "excluded_ids": excluded, "shard_batches": shard_batches,
-        "windows_per_doc": int(windows_per_doc),
+        "windows_per_doc": int(windows_per_doc), "prepend_bos": prepend_bos,
+        "bos_id": int(bos) if prepend_bos else None,
     }
     header_kw = dict(model=model.name, hooks=dims, dtype=dname, seq_len=seq_len, settings=settings)
 
@@ -165,7 +187,8 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
     pad_id = model.special_ids.get("pad")
     pad_id = 0 if pad_id is None else int(pad_id)
     docs = _Docs(iter_documents(corpus))
-    windows = pack(docs, tok, seq_len, windows_per_doc=int(windows_per_doc))
+    windows = pack(docs, tok, seq_len, windows_per_doc=int(windows_per_doc),
+                   bos_id=int(bos) if prepend_bos else None)
     excl = torch.tensor(excluded, dtype=torch.long)
 
     bar = None
@@ -261,9 +284,9 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
     store = writer.finalize(
         corpus=fingerprint,
         special_tokens={"mode": mode, "excluded_ids": excluded,
-                        "special_ids": {k: v for k, v in dict(model.special_ids).items()}},
+                        "special_ids": special},
         documents=names,
-        extra={"model_kind": getattr(model, "kind", None)},
+        extra={"model_kind": getattr(model, "kind", None), "prepend_bos": prepend_bos},
         stats={"tokens": writer.n_rows, "exhausted": bool(exhausted and writer.n_rows < max_tokens),
                "seconds_last_run": round(seconds, 3),
                "tokens_per_s_last_run": round(rows_new / seconds, 1) if seconds > 0 else None},

@@ -282,12 +282,15 @@ def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_tokens: bool = True,
-         tokenize_batch: int = 32, windows_per_doc: int = 0) -> Iterator[Window]:
+         tokenize_batch: int = 32, windows_per_doc: int = 0, bos_id: int | None = None) -> Iterator[Window]:
     """Tokenise documents lazily and cut them into windows of at most ``seq_len`` tokens, one
     document per window (see the module docstring); ``windows_per_doc`` > 0 keeps only each
     document's first windows (many documents in few tokens: document-level comparisons).
-    Raises WorkbenchError when the corpus yields no tokens at all."""
+    ``bos_id``: start every window with this token when the tokenizer does not already
+    (TransformerLens' ``prepend_bos``). Raises WorkbenchError when the corpus yields no tokens at all."""
     prefix, suffix = special_wrapping(tokenizer) if add_special_tokens else ([], [])
+    if bos_id is not None and prefix[:1] != [int(bos_id)]:
+        prefix = [int(bos_id)] + prefix
     body = seq_len - len(prefix) - len(suffix)
     if body < 1:
         raise WorkbenchError(f"seq_len={seq_len} leaves no room for text next to the tokenizer's "

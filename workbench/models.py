@@ -67,6 +67,21 @@ def special_ids(tok) -> dict:
     return out
 
 
+def text_bos_id(tok, special: dict) -> int | None:
+    """The token a window of plain text starts with when BOS is prepended: the tokenizer's BOS,
+    except for ChatML tokenizers whose "BOS" is ``<|im_start|>`` (it opens a chat turn, not a
+    document): those models were pretrained on documents separated by ``<|endoftext|>``. Measured
+    on SmolLM2-135M-Instruct, layer 15, 96 builtin-corpus windows: with ``<|im_start|>`` first,
+    13 of 96 first text tokens still carry attention-sink norms (>5x the median); with
+    ``<|endoftext|>``, none."""
+    bos = special.get("bos")
+    if bos is not None and str(getattr(tok, "bos_token", "")) == "<|im_start|>":
+        eot = tok.get_vocab().get("<|endoftext|>")
+        if eot is not None:
+            return int(eot)
+    return bos
+
+
 def load_tokenizer(spec: str):
     """The tokenizer of `spec` alone (pad token set), without loading the model weights."""
     from transformers import AutoTokenizer
@@ -169,6 +184,7 @@ class Model:
         self.n_ctx = int(getattr(hf_cfg, "max_position_embeddings", None)
                          or getattr(hf_cfg, "n_positions", None) or getattr(cfg, "n_ctx", 0) or 0)
         self.special_ids = special_ids(tokenizer)
+        self.text_bos_id = text_bos_id(tokenizer, self.special_ids)
         self._torch = torch
         self._fwd_kw = {"use_cache": False} if kind == "causal" else {}   # no KV cache to build
         self._probe()

@@ -232,6 +232,12 @@ class ActivationStore:
         return self.manifest["model"]
 
     @property
+    def prepend_bos(self) -> bool:
+        """Whether every window started with a BOS token the collector added (stores from before
+        this setting existed: False)."""
+        return bool((self.manifest.get("collect", {}).get("settings") or {}).get("prepend_bos", False))
+
+    @property
     def hooks(self) -> list[str]:
         return list(self._hooks)
 

@@ -28,6 +28,9 @@ class CollectConfig:
         "(bos,eos,cls,sep)"))
     windows_per_doc: int = field(default=0, metadata=arg(
         "keep only each document's first N windows (0: all); many documents in few tokens"))
+    prepend_bos: str = field(default="auto", metadata=arg(
+        "start every window with BOS (its row is not stored unless --special-tokens keeps bos); "
+        "auto: yes for causal models with a BOS token, as TransformerLens", choices=["auto", "yes", "no"]))
     overwrite: bool = field(default=False, metadata=arg("replace an existing store at --out"))
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
@@ -44,7 +47,8 @@ def collect_step(cfg: CollectConfig) -> StepResult:
     store = collect(cfg.model, list(cfg.hooks), corpus=cfg.corpus, out=cfg.out,
                     max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                     dtype=cfg.dtype or None, device=cfg.device, special_tokens=cfg.special_tokens,
-                    overwrite=cfg.overwrite, progress=cfg.progress, windows_per_doc=cfg.windows_per_doc)
+                    overwrite=cfg.overwrite, progress=cfg.progress, windows_per_doc=cfg.windows_per_doc,
+                    prepend_bos={"auto": None, "yes": True, "no": False}[cfg.prepend_bos])
     last = getattr(store, "last_run", None) or {}
     return StepResult(
         summary={"store": str(store.path), "model": store.model_name, "hooks": store.hooks,

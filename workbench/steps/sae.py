@@ -65,7 +65,7 @@ def _store_meta(store, hook: str) -> dict[str, Any]:
         corpus = corpus.get("spec") or corpus.get("name") or str(corpus)
     special = man.get("special_tokens")
     return {"model_name": man.get("model"), "hook_name": hook, "context_size": man.get("seq_len"),
-            "prepend_bos": bool(man.get("prepend_bos", True)), "dataset_path": corpus,
+            "prepend_bos": store.prepend_bos, "dataset_path": corpus,
             "store": str(store.path), "special_tokens": special}
 
 
