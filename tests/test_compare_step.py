@@ -165,3 +165,36 @@ def test_cli(stores, capsys):
     assert rc in (0, None)
     payload = json.loads(capsys.readouterr().out)
     assert payload["align"] == "position" and payload["shape"] == [1, 2]
+
+
+def test_max_norm_ratio_drops_sink_rows(tmp_path):
+    """A few rows with ~100x the median norm (attention sinks) decide a plain CKA; dropping them
+    (max_norm_ratio) gives the CKA of the remaining rows, computed independently here."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 100, (N_SEQ, SEQ_LEN), generator=g)
+    seq, pos = _layout()
+    n = seq.numel()
+    x = torch.randn(n, D, generator=g)
+    y = x @ torch.randn(D, D, generator=g) + 2.0 * torch.randn(n, D, generator=g)
+    sink = pos == 0                                     # first position: a shared huge direction
+    x[sink] += 300.0 * torch.ones(D)
+    y[sink] += 300.0 * torch.ones(D)
+    st = _make(tmp_path / "s", tokens, {"x": x, "y": y}, seq, pos)
+    plain = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64")
+    clean = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64", max_norm_ratio=10)
+    assert clean["rows_dropped"] == int(sink.sum()) and clean["n_rows"] == n - int(sink.sum())
+    ref = S.linear_cka(x[~sink].double(), y[~sink].double())
+    assert abs(float(clean["matrix"][0, 1]) - ref) < 1e-9
+    assert float(plain["matrix"][0, 1]) > 0.99 > ref + 0.1          # the sinks made them look alike
+    # document pooling leaves the dropped rows out of the means
+    doc = compare_matrix(st, _make(tmp_path / "t", tokens + 100, {"z": y}, seq, pos), hooks_a=["x"],
+                         hooks_b=["z"], metric="linear_cka", align="document", precision="float64",
+                         max_norm_ratio=10)
+    docs = torch.arange(N_SEQ) // 3
+    dr = docs[seq]
+    mx = torch.stack([x[(dr == i) & ~sink].double().mean(0) for i in range(int(docs.max()) + 1)])
+    my = torch.stack([y[(dr == i) & ~sink].double().mean(0) for i in range(int(docs.max()) + 1)])
+    assert doc["rows_dropped"] == 2 * int(sink.sum())
+    assert abs(float(doc["matrix"][0, 0]) - S.linear_cka(mx, my)) < 1e-9
+    with pytest.raises(WorkbenchError, match="max-norm-ratio"):
+        compare_matrix(st, hooks_a=["x"], metric="linear_cka", max_norm_ratio=0.5)

@@ -171,13 +171,14 @@ def test_save_load(tmp_path):
 
 
 # ------------------------------------------------------------------------------- step `pca`
-def _store(path, n_seq=24, seq_len=16, d=12, seed=0):
+def _store(path, n_seq=24, seq_len=16, d=12, seed=0, override=None):
     from workbench.store import write_store
     g = torch.Generator().manual_seed(seed)
     n = n_seq * seq_len
     base = torch.randn(n, 3, generator=g) @ torch.randn(3, d, generator=g) * 3
     acts = {"blocks.0.hook_resid_post": base + 0.1 * torch.randn(n, d, generator=g) + 5,
             "blocks.1.hook_resid_post": torch.randn(n, d + 4, generator=g)}
+    acts.update(override or {})
     return write_store(path, acts, token_ids=torch.randint(0, 50, (n_seq, seq_len), generator=g),
                        attention_mask=torch.ones(n_seq, seq_len, dtype=torch.bool),
                        doc_ids=torch.arange(n_seq) // 3,
@@ -219,6 +220,38 @@ def test_pca_step(tmp_path):
     with pytest.raises(WorkbenchError, match="blocks.1.hook_resid_post"):
         run_step("pca", {"store": str(store.path), "hook": "blocks.1.hook_resid_pst", "k": 2,
                          "out": str(tmp_path / "r4")})
+
+
+def test_pca_step_reports_and_drops_massive_rows(tmp_path):
+    from workbench.errors import WorkbenchError
+    from workbench.results import read_result
+    from workbench.steps import run_step
+
+    store, acts = _store(tmp_path / "store")
+    h = "blocks.0.hook_resid_post"
+    X = acts[h].double()
+    norms = X.norm(dim=1)
+    big = norms > 10 * norms.median()
+    assert int(big.sum()) == 0                      # the synthetic store has none: add some
+    X2 = X.clone()
+    X2[::64] *= 200.0
+    st2, _ = _store(tmp_path / "store2", override={h: X2.float()})
+    warn = run_step("pca", {"store": str(st2.path), "hook": h, "k": 3, "out": str(tmp_path / "w")})
+    assert "max-norm-ratio" in warn.summary["warning"] and warn.summary["rows_dropped"] == 0
+    meta = read_result(tmp_path / "w", "pca")
+    assert meta["massive_rows"]["rows"] == X2.shape[0] // 64 and meta["massive_rows"]["sq_norm_share"] > 0.9
+    res = run_step("pca", {"store": str(st2.path), "hook": h, "k": 3, "max_norm_ratio": 10,
+                           "out": str(tmp_path / "c")})
+    keep = torch.ones(X2.shape[0], dtype=torch.bool)
+    keep[::64] = False
+    s = SKPCA(3, svd_solver="full").fit(X2[keep].numpy())
+    meta = read_result(tmp_path / "c", "pca")
+    assert meta["rows_dropped"] == int((~keep).sum()) and meta["n_samples"] == int(keep.sum())
+    np.testing.assert_allclose(meta["explained_variance_ratio"], s.explained_variance_ratio_, rtol=1e-5)
+    assert "warning" not in res.summary
+    with pytest.raises(WorkbenchError, match="max-norm-ratio"):
+        run_step("pca", {"store": str(st2.path), "hook": h, "k": 3, "max_norm_ratio": 1,
+                         "out": str(tmp_path / "e")})
 
 
 def test_pca_cli(tmp_path, capsys):

@@ -35,6 +35,7 @@ import torch
 
 from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError, closest
+from ._norms import check_ratio, keep_rows
 
 METRIC_CHOICES = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
 GRAM_METRICS = ("rbf_cka", "mutual_knn")      # build n x n matrices: fewer rows by default
@@ -58,6 +59,9 @@ class CompareConfig:
         "and mutual_knn, which build n x n matrices; -1 = all)"))
     k: int = field(default=10, metadata=arg("neighbours for mutual_knn"))
     keep: float = field(default=0.99, metadata=arg("SVCCA: variance fraction (<= 1) or number of directions"))
+    max_norm_ratio: float = field(default=0.0, metadata=arg(
+        "drop rows whose norm is over R x the median in any compared hook (attention sinks / massive "
+        "activations; e.g. 10); with --align document they leave the document means; 0 keeps every row"))
     precision: str = field(default="float32", metadata=arg(
         "dtype of the cross products (summed in float64)", choices=["float32", "float64"]))
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
@@ -110,8 +114,10 @@ def _gather(store, hook: str, rows: torch.Tensor, batch: int = 65536) -> torch.T
     return out
 
 
-def _pool(store, hook: str, doc_of_row: torch.Tensor, docs: torch.Tensor, batch: int = 65536) -> torch.Tensor:
-    """Mean over each document's rows, for the documents `docs` (in that order): [len(docs), d]."""
+def _pool(store, hook: str, doc_of_row: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor | None = None,
+          batch: int = 65536) -> torch.Tensor:
+    """Mean over each document's rows (those in `keep`), for the documents `docs` (in that order):
+    [len(docs), d]."""
     slot = torch.full((int(doc_of_row.max()) + 1 if doc_of_row.numel() else 1,), -1, dtype=torch.long)
     slot[docs] = torch.arange(docs.numel())
     d = store.d(hook)
@@ -122,6 +128,8 @@ def _pool(store, hook: str, doc_of_row: torch.Tensor, docs: torch.Tensor, batch:
         stop = start + b.shape[0]
         s = slot[doc_of_row[start:stop]]
         ok = s >= 0
+        if keep is not None:
+            ok &= keep[start:stop]
         sums.index_add_(0, s[ok], b[ok].to(torch.float64))
         counts.index_add_(0, s[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
         start = stop
@@ -182,7 +190,8 @@ def _doc_of_rows(store) -> torch.Tensor:
 def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None = None,
                    hooks_b: list[str] | None = None, metric: str = "linear_cka", align: str = "auto",
                    max_rows: int = 0, k: int = 10, keep: float = 0.99, precision: str = "float32",
-                   device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   device: str = "auto", progress: Callable[[int, int], None] | None = None,
+                   max_norm_ratio: float = 0.0) -> dict[str, Any]:
     """Similarity matrix between the hooks of one store (or of two stores).
 
     Returns {"matrix": Tensor[len(hooks_a), len(hooks_b)] (float64), "labels_a", "labels_b",
@@ -230,6 +239,10 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
 
     gram = metric in GRAM_METRICS
     cap = (DEFAULT_GRAM_ROWS if gram else DEFAULT_ROWS) if max_rows == 0 else max_rows
+    check_ratio(max_norm_ratio)
+    keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio)
+    keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio)
+    dropped = 0
     if mode == "position":
         if one:
             ia = ib = torch.arange(sa.n_rows)
@@ -237,6 +250,9 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
             ia, ib = _align_position(sa, sb)
             if ia.numel() == 0:
                 raise WorkbenchError(f"{sa.path} and {sb.path} share no (sequence, position) rows")
+        ok = keep_a[ia] & keep_b[ib]
+        dropped = int((~ok).sum())
+        ia, ib = ia[ok], ib[ok]
         n_avail = int(ia.numel())
         sel = _even(n_avail, cap) if cap > 0 else torch.arange(n_avail)
         ia, ib = ia[sel], ib[sel]
@@ -255,11 +271,13 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
         n_avail = int(docs.numel())
         docs = docs[_even(n_avail, cap)] if cap > 0 else docs
 
+        dropped = int((~keep_a).sum()) + (0 if one else int((~keep_b).sum()))
+
         def load_a(h):
-            return _pool(sa, h, da, docs)
+            return _pool(sa, h, da, docs, keep_a)
 
         def load_b(h):
-            return _pool(sb_eff, h, db, docs)
+            return _pool(sb_eff, h, db, docs, keep_b)
     n = int(ia.numel()) if mode == "position" else int(docs.numel())
     if n < 4:
         raise WorkbenchError(f"only {n} aligned {'rows' if mode == 'position' else 'documents'}; "
@@ -283,6 +301,7 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
         raise WorkbenchError(f"compare ({metric}): {e}") from None
     return {"matrix": M, "hooks_a": ha, "hooks_b": hb, "labels_a": list(ha), "labels_b": list(hb),
             "metric": metric, "align": mode, "n_rows": n, "n_available": n_avail, "symmetric": sym,
+            "max_norm_ratio": float(max_norm_ratio), "rows_dropped": dropped,
             "store_a": str(sa.path), "store_b": str(sb_eff.path), "seconds": time.time() - t0}
 
 
@@ -322,7 +341,8 @@ def compare_step(cfg: CompareConfig) -> StepResult:
 
     res = compare_matrix(cfg.store_a, cfg.store_b or None, cfg.hooks_a or None, cfg.hooks_b or None,
                          metric=cfg.metric, align=cfg.align, max_rows=cfg.max_rows, k=cfg.k, keep=cfg.keep,
-                         precision=cfg.precision, device=cfg.device, progress=progress)
+                         precision=cfg.precision, device=cfg.device, progress=progress,
+                         max_norm_ratio=cfg.max_norm_ratio)
     prepare_out(out, cfg.overwrite, "compare result")
     M = res["matrix"]
     data = {k: v for k, v in res.items() if k != "matrix"}
@@ -338,12 +358,12 @@ def compare_step(cfg: CompareConfig) -> StepResult:
     if res["symmetric"] and M.shape[0] > 1:
         off.fill_diagonal_(float("nan"))
     vals = off[~torch.isnan(off)]
-    metrics = {"n_rows": float(res["n_rows"]), "pairs": float(M.numel())}
+    metrics = {"n_rows": float(res["n_rows"]), "pairs": float(M.numel()), "rows_dropped": float(res["rows_dropped"])}
     if vals.numel():
         metrics.update({"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max())})
     return StepResult(
         summary={"out": str(out), "metric": cfg.metric, "align": res["align"], "n_rows": res["n_rows"],
-                 "shape": list(M.shape)},
+                 "shape": list(M.shape), "rows_dropped": res["rows_dropped"]},
         metrics=metrics,
         artifacts={"result": str(out), "heatmap": str(out / "heatmap.html")})
 

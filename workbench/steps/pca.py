@@ -41,6 +41,9 @@ class PCAConfig:
     whiten: bool = field(default=False, metadata=arg("scale projections to unit variance"))
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
     batch_size: int = field(default=16384, metadata=arg("rows read per batch"))
+    max_norm_ratio: float = field(default=0.0, metadata=arg(
+        "drop rows whose norm is over R x the median row norm (attention sinks / massive "
+        "activations; e.g. 10); 0 keeps every row. The result reports such rows either way"))
     sample: int = field(default=2000, metadata=arg("rows shown in the 2-D projection plot"))
     out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/pca-STORE-HOOK)"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing result"))
@@ -113,6 +116,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     from analyses.pca import PCA
     from ..results import prepare_out, write_result
     from ..store import ActivationStore
+    from ._norms import REPORT_RATIO, check_ratio, massive, report, row_norms
 
     store = ActivationStore.open(cfg.store)
     hook = _pick_hook(store, cfg.hook)
@@ -121,12 +125,22 @@ def pca_step(cfg: PCAConfig) -> StepResult:
         raise WorkbenchError(f"--k {cfg.k} must be between 1 and min(n_rows, d) = min({n}, {d}) = {min(n, d)}")
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_ratio(cfg.max_norm_ratio)
     out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
     prepare_out(out, cfg.overwrite, "PCA result")
 
-    # evenly spaced sample rows, kept while streaming (for the projection plot and anisotropy)
-    m = min(max(cfg.sample, 0), n)
-    sample_rows = torch.linspace(0, n - 1, m).round().long().unique() if m else torch.zeros(0, dtype=torch.long)
+    norms = row_norms(store, hook, cfg.batch_size)
+    keep = ~massive(norms, cfg.max_norm_ratio) if cfg.max_norm_ratio else torch.ones(n, dtype=torch.bool)
+    n_keep = int(keep.sum())
+    if cfg.k > min(n_keep, d):
+        raise WorkbenchError(f"--k {cfg.k} is more than the {n_keep} rows left after --max-norm-ratio "
+                             f"{cfg.max_norm_ratio}")
+    outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
+    # evenly spaced sample of the kept rows, gathered while streaming (projection plot, anisotropy)
+    kept_idx = keep.nonzero()[:, 0]
+    m = min(max(cfg.sample, 0), n_keep)
+    sample_rows = kept_idx[torch.linspace(0, n_keep - 1, m).round().long().unique()] if m \
+        else torch.zeros(0, dtype=torch.long)
     kept: list[torch.Tensor] = []
 
     def stream():
@@ -137,8 +151,9 @@ def pca_step(cfg: PCAConfig) -> StepResult:
             hi = int(torch.searchsorted(sample_rows, stop))
             if hi > lo:
                 kept.append(b[sample_rows[lo:hi] - start].to(torch.float32).clone())
+            rows_kept = keep[start:stop]
             start = stop
-            yield b
+            yield b if n_keep == n else b[rows_kept]
 
     pca = PCA(cfg.k, method=cfg.method, whiten=cfg.whiten, device=cfg.device, precision=cfg.precision)
     try:
@@ -166,15 +181,22 @@ def pca_step(cfg: PCAConfig) -> StepResult:
         "method": cfg.method, "whiten": cfg.whiten, "n_samples": pca.n_samples_, "d": d,
         "explained_variance_ratio": evr.tolist(), "cumulative_variance_ratio": torch.cumsum(evr, 0).tolist(),
         "total_variance": pca.total_variance_, "geometry": geo, "n_sample_rows": int(sample_rows.numel()),
-        "model_dir": "model",
+        "model_dir": "model", "max_norm_ratio": cfg.max_norm_ratio, "rows_dropped": n - n_keep,
+        "massive_rows": outliers,
     }
     figs = _figures(pca, torch.as_tensor(proj), _token_labels(store, sample_rows), hook)
     write_result(out, "pca", data, tensors={k: v.detach().cpu() for k, v in tensors.items()}, figures=figs)
-    metrics = {"explained_variance_ratio_k": float(evr.sum()), "n_samples": float(pca.n_samples_)}
+    metrics = {"explained_variance_ratio_k": float(evr.sum()), "n_samples": float(pca.n_samples_),
+               "rows_dropped": float(n - n_keep), "massive_sq_norm_share": outliers["sq_norm_share"]}
     metrics.update({k: float(v) for k, v in geo.items() if isinstance(v, (int, float))})
+    summary = {"out": str(out), "hook": hook, "k": cfg.k, "method": cfg.method, "n_samples": pca.n_samples_,
+               "d": d, "explained_variance_ratio_k": float(evr.sum()), "rows_dropped": n - n_keep}
+    if not cfg.max_norm_ratio and outliers["sq_norm_share"] > 0.5:
+        summary["warning"] = (f"{outliers['rows']} rows ({100 * outliers['row_fraction']:.2f}%) with norms over "
+                              f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
+                              f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
     return StepResult(
-        summary={"out": str(out), "hook": hook, "k": cfg.k, "method": cfg.method, "n_samples": pca.n_samples_,
-                 "d": d, "explained_variance_ratio_k": float(evr.sum())},
+        summary=summary,
         metrics=metrics,
         artifacts={"result": str(out), "scree": str(out / "scree.html"),
                    "projection": str(out / "projection.html"), "model": str(out / "model")})
