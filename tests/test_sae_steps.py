@@ -79,3 +79,36 @@ def test_step_errors(store, tmp_path):
     with pytest.raises(WorkbenchError, match=r"d=32.*d_in=16.*\(16, 32\)"):
         run_step("eval_sae", {"sae": str(tmp_path / "wrong_d"), "store": str(s.path),
                               "hook": "blocks.0.hook_resid_post", "out": str(tmp_path / "e"), "ce_sequences": 0})
+
+
+def test_ce_splices_only_where_the_store_has_rows(tmp_path):
+    """CE loss recovered replaces activations only at tokens that are rows of the store (what the
+    SAE saw): special tokens the collector excluded (BOS, here [CLS]/[SEP]) keep their own, as
+    SAELens' exclude_special_tokens_from_reconstruction."""
+    from workbench.collector import collect
+    from workbench.models import load_model
+    from workbench.splice import splice_eval
+    from workbench.steps.sae import _ce_metrics
+
+    tiny = load_model("tiny-random", device="cpu")
+    hook = "blocks.0.hook_resid_post"
+    st = collect(tiny, [hook], out=tmp_path / "s", max_tokens=400, seq_len=24, batch_size=4, progress=False)
+
+    class Zero(torch.nn.Module):          # an "SAE" that reconstructs nothing
+        dtype = torch.float32
+
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    got, why = _ce_metrics(Zero(), st, hook, n_seq=6, device="cpu")
+    assert why == "" and got is not None
+    seqs = st.sequences()
+    ids, mask = seqs["token_ids"][:6], seqs["attention_mask"][:6]
+    sp = tiny.special_ids
+    rows = mask & ~torch.isin(ids, torch.tensor([sp["cls"], sp["sep"]]))
+    ref = splice_eval(tiny, hook, torch.zeros_like, ids, mask, splice_mask=rows)
+    everywhere = splice_eval(tiny, hook, torch.zeros_like, ids, mask)
+    assert got["ce_sae"] == pytest.approx(ref["ce_sae"], rel=1e-9)
+    assert abs(got["ce_sae"] - everywhere["ce_sae"]) > 1e-4
+    r = st.rows()
+    assert got["n_spliced"] == int((r["seq_index"] < 6).sum()) == int(rows.sum())

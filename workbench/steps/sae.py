@@ -214,8 +214,16 @@ def _ce_metrics(sae, store, hook: str, n_seq: int, device) -> tuple[dict | None,
     def reconstruct(act):
         return sae(act.to(sae.dtype)).to(act.dtype)
 
-    res = splice_eval(model, hook, reconstruct, ids, mask)
-    return {kk: float(v) for kk, v in res.items() if isinstance(v, (int, float))}, ""
+    # splice where the store has rows (what the SAE was trained on): special tokens the collector
+    # excluded (e.g. the prepended BOS, an attention sink) keep their own activations, as SAELens'
+    # exclude_special_tokens_from_reconstruction
+    import torch
+    excluded = (store.manifest.get("special_tokens") or {}).get("excluded_ids") or []
+    where = mask & ~torch.isin(ids, torch.tensor(excluded, dtype=ids.dtype)) if excluded else None
+    res = splice_eval(model, hook, reconstruct, ids, mask, splice_mask=where)
+    out = {kk: float(v) for kk, v in res.items() if isinstance(v, (int, float))}
+    out["n_spliced"] = float(int(where.sum()) if where is not None else int(mask.sum()))
+    return out, ""
 
 
 @register("eval_sae", EvalSAEConfig, help="evaluate an SAE on a store: L0, FVU, density, CE loss recovered")
