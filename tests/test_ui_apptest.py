@@ -418,3 +418,31 @@ def test_page_open_times(ui_workspace):  # noqa: F811
         times[page] = round(time.time() - t, 2)
     print("AppTest warm page times (s):", times)
     assert max(times.values()) < 2.0 * 2, times   # margin for a loaded 2-core machine
+
+
+def test_activations_page_flags_massive_rows(ui_workspace):  # noqa: F811
+    """A PCA whose variance sits in a few huge-norm rows says so; one fitted without them says how
+    many rows it left out."""
+    import json
+    import shutil
+    W = ui_workspace
+    src = sorted(W["pca"].values())[0]
+    for name, patch, expect in (
+            ("pca-zz-sinks", {"massive_rows": {"ratio": 10.0, "rows": 7, "row_fraction": 0.01,
+                                               "sq_norm_share": 0.97}, "rows_dropped": 0}, "warning"),
+            ("pca-zz-clean", {"massive_rows": {"ratio": 10.0, "rows": 7, "row_fraction": 0.01,
+                                               "sq_norm_share": 0.97}, "rows_dropped": 7,
+                              "max_norm_ratio": 10.0}, "caption")):
+        dst = W["root"] / "results" / name
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "result.json").read_text())
+        meta.update(patch)
+        (dst / "result.json").write_text(json.dumps(meta))
+        try:
+            at = open_page(W["root"], "activations", state={"act_result": name})
+            assert not at.exception and not errors(at), errors(at)
+            warned = [w.value for w in at.warning if "max_norm_ratio = 10" in w.value]
+            captioned = [c.value for c in at.caption if "7 rows with norms over 10x" in c.value]
+            assert (warned, captioned)[expect == "caption"] and not (warned, captioned)[expect == "warning"]
+        finally:
+            shutil.rmtree(dst)

@@ -201,6 +201,15 @@ def body() -> None:
     store_path = common.resolve_path(ws, store_ref)
     st.caption(f"hook `{hook}` · store `{store_ref}` · k = {meta.get('k', meta.get('n_components', '?'))}"
                f" · method {meta.get('method', '?')}")
+    massive = meta.get("massive_rows") or {}
+    if meta.get("rows_dropped"):
+        st.caption(f"{meta['rows_dropped']} rows with norms over {meta.get('max_norm_ratio', 0):g}x the median "
+                   "left out (attention sinks / massive activations)")
+    elif massive.get("sq_norm_share", 0) > 0.5:
+        st.warning(f"{massive['rows']} rows ({100 * massive['row_fraction']:.2f}%) with norms over "
+                   f"{massive['ratio']:g}x the median carry {100 * massive['sq_norm_share']:.0f}% of the squared "
+                   f"norm, so the first components mostly describe them. Refit with max_norm_ratio = "
+                   f"{massive['ratio']:g} to leave them out.")
 
     # one view at a time: only the chart on screen is sent to the browser
     view = st.segmented_control("View", ["Scatter", "Scree & geometry"], default="Scatter",
