@@ -186,6 +186,9 @@ def test_max_norm_ratio_drops_sink_rows(tmp_path):
     ref = S.linear_cka(x[~sink].double(), y[~sink].double())
     assert abs(float(clean["matrix"][0, 1]) - ref) < 1e-9
     assert float(plain["matrix"][0, 1]) > 0.99 > ref + 0.1          # the sinks made them look alike
+    assert plain["massive_sq_norm_share_max"] > 0.9 and clean["massive_sq_norm_share_max"] < 0.5
+    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "w")})
+    assert "--max-norm-ratio 10" in res.summary["warning"]
     # document pooling leaves the dropped rows out of the means
     doc = compare_matrix(st, _make(tmp_path / "t", tokens + 100, {"z": y}, seq, pos), hooks_a=["x"],
                          hooks_b=["z"], metric="linear_cka", align="document", precision="float64",

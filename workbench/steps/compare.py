@@ -35,7 +35,7 @@ import torch
 
 from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError, closest
-from ._norms import check_ratio, keep_rows
+from ._norms import REPORT_RATIO, check_ratio, keep_rows, report
 
 METRIC_CHOICES = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
 GRAM_METRICS = ("rbf_cka", "mutual_knn")      # build n x n matrices: fewer rows by default
@@ -293,6 +293,9 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     reps_a = [load_a(h) for h in ha]
     sym = one and hb == ha
     reps_b = None if sym else [load_b(h) for h in hb]
+    # how much of each compared representation sits in a few huge-norm rows (attention sinks)
+    share = max(report(torch.linalg.vector_norm(r.float(), dim=1))["sq_norm_share"]
+                for r in reps_a + (reps_b or []))
     keep_v: int | float = int(keep) if keep > 1 else float(keep)
     try:
         M = similarity_matrix(reps_a, reps_b, metric, dtype=precision, keep=keep_v, k=k,
@@ -302,6 +305,7 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     return {"matrix": M, "hooks_a": ha, "hooks_b": hb, "labels_a": list(ha), "labels_b": list(hb),
             "metric": metric, "align": mode, "n_rows": n, "n_available": n_avail, "symmetric": sym,
             "max_norm_ratio": float(max_norm_ratio), "rows_dropped": dropped,
+            "massive_sq_norm_share_max": share,
             "store_a": str(sa.path), "store_b": str(sb_eff.path), "seconds": time.time() - t0}
 
 
@@ -361,9 +365,15 @@ def compare_step(cfg: CompareConfig) -> StepResult:
     metrics = {"n_rows": float(res["n_rows"]), "pairs": float(M.numel()), "rows_dropped": float(res["rows_dropped"])}
     if vals.numel():
         metrics.update({"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max())})
+    summary = {"out": str(out), "metric": cfg.metric, "align": res["align"], "n_rows": res["n_rows"],
+               "shape": list(M.shape), "rows_dropped": res["rows_dropped"]}
+    if res["massive_sq_norm_share_max"] > 0.5:
+        summary["warning"] = (f"in some hook, rows with norms over {REPORT_RATIO:g}x the median carry "
+                              f"{100 * res['massive_sq_norm_share_max']:.0f}% of the squared norm (attention sinks): "
+                              f"the scores mostly compare those rows"
+                              + ("" if cfg.max_norm_ratio else f"; --max-norm-ratio {REPORT_RATIO:g} drops them"))
     return StepResult(
-        summary={"out": str(out), "metric": cfg.metric, "align": res["align"], "n_rows": res["n_rows"],
-                 "shape": list(M.shape), "rows_dropped": res["rows_dropped"]},
+        summary=summary,
         metrics=metrics,
         artifacts={"result": str(out), "heatmap": str(out / "heatmap.html")})
 
