@@ -132,6 +132,12 @@ def real_model(a) -> None:
     print(f"    layer x layer linear CKA, {len(hooks)} hooks x {res['n_rows']} tokens of smollm2-135m: "
           f"{t_cmp:.1f} s (target < 60 s on CPU); adjacent-layer mean "
           f"{float(torch.diagonal(M, 1).mean()):.3f}, first vs last {float(M[0, -1]):.3f}")
+    t_cl, res = timed(lambda: compare_matrix(store, hooks_a=hooks, metric="linear_cka", device="cpu",
+                                             max_norm_ratio=10))
+    M = res["matrix"]
+    print(f"    the same with max_norm_ratio=10 ({res['rows_dropped']} attention-sink rows dropped, norms of all "
+          f"{len(hooks)} hooks read first): {t_cl:.1f} s; adjacent-layer mean "
+          f"{float(torch.diagonal(M, 1).mean()):.3f}, first vs last {float(M[0, -1]):.3f}")
     if tmp:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
