@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -65,7 +69,6 @@ def is_batch_iterable(x: Any) -> bool:
 def atomic_write(path, write, mode: str = "w") -> None:
     """Write `path` via a temp file in the same folder + fsync + rename, so readers (and a resume
     after a kill) see the old file or the new one, never half of one. `write(f)` fills the file."""
-    import os
     import tempfile
     from pathlib import Path
 
@@ -94,7 +97,6 @@ def _controller():
     global _BLAS_CTL
     if _BLAS_CTL is None:
         try:
-            import numpy  # noqa: F401  (loads its BLAS so the controller sees it)
             from threadpoolctl import ThreadpoolController
             _BLAS_CTL = ThreadpoolController().select(user_api="blas")
         except Exception:  # noqa: BLE001 - no threadpoolctl or no BLAS found: run serially
@@ -110,28 +112,19 @@ def blas_threads() -> int:
     return max(1, min(c.num_threads for c in ctl.lib_controllers))
 
 
+@contextmanager
 def blas_single_thread():
-    """Context: numpy's BLAS limited to one thread per call, yielding a thread pool with one
+    """numpy's BLAS limited to one thread per call while inside; yields a thread pool with one
     worker per former BLAS thread, so independent single-threaded products run side by side.
     Serialised by a lock (the BLAS thread count is process-wide); a forked child makes its own
     pool and lock (threads do not survive a fork)."""
-    import os
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-    from contextlib import contextmanager
-
     global _BLAS_LOCK, _BLAS_POOL
     if _BLAS_LOCK is None or _BLAS_LOCK[0] != os.getpid():
         _BLAS_LOCK = (os.getpid(), threading.Lock())
         _BLAS_POOL = None
-
-    @contextmanager
-    def ctx():
-        global _BLAS_POOL
-        n = blas_threads()
-        with _BLAS_LOCK[1]:
-            if _BLAS_POOL is None or _BLAS_POOL._max_workers < n:
-                _BLAS_POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="workbench-blas")
-            with _controller().limit(limits=1):
-                yield _BLAS_POOL
-    return ctx()
+    n = blas_threads()
+    with _BLAS_LOCK[1]:
+        if _BLAS_POOL is None or _BLAS_POOL._max_workers < n:
+            _BLAS_POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="workbench-blas")
+        with _controller().limit(limits=1):
+            yield _BLAS_POOL

@@ -126,16 +126,20 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_ratio(cfg.max_norm_ratio)
-    out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
-    prepare_out(out, cfg.overwrite, "PCA result")
-
-    norms = row_norms(store, hook, cfg.batch_size)
-    keep = ~massive(norms, cfg.max_norm_ratio) if cfg.max_norm_ratio else torch.ones(n, dtype=torch.bool)
+    # row norms: a pass of their own only when rows are to be dropped (the median must be known
+    # first); otherwise they are taken from the fit's own stream, for the report
+    if cfg.max_norm_ratio:
+        norms = row_norms(store, hook, cfg.batch_size)
+        keep = ~massive(norms, cfg.max_norm_ratio)
+    else:
+        norms, keep = torch.empty(n, dtype=torch.float32), torch.ones(n, dtype=torch.bool)
     n_keep = int(keep.sum())
     if cfg.k > min(n_keep, d):
         raise WorkbenchError(f"--k {cfg.k} is more than the {n_keep} rows left after --max-norm-ratio "
                              f"{cfg.max_norm_ratio}")
-    outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
+    out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
+    prepare_out(out, cfg.overwrite, "PCA result")
+
     # evenly spaced sample of the kept rows, gathered while streaming (projection plot, anisotropy)
     kept_idx = keep.nonzero()[:, 0]
     m = min(max(cfg.sample, 0), n_keep)
@@ -151,6 +155,8 @@ def pca_step(cfg: PCAConfig) -> StepResult:
             hi = int(torch.searchsorted(sample_rows, stop))
             if hi > lo:
                 kept.append(b[sample_rows[lo:hi] - start].to(torch.float32).clone())
+            if not cfg.max_norm_ratio:
+                norms[start:stop] = torch.linalg.vector_norm(b.to(torch.float32), dim=1)
             rows_kept = keep[start:stop]
             start = stop
             yield b if n_keep == n else b[rows_kept]
@@ -160,6 +166,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
         pca.fit(stream())
     except ValueError as e:
         raise WorkbenchError(f"PCA of {hook} in {store.path}: {e}") from None
+    outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
     sample = torch.cat(kept) if kept else torch.zeros((0, d))
     proj = pca.transform(sample)[:, :2] if sample.shape[0] else torch.zeros((0, 2))
     spectrum = pca.eigenvalues_ if pca.eigenvalues_ is not None else pca.explained_variance_
