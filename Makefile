@@ -3,7 +3,7 @@ PY := .venv/bin/python
 WORKSPACE ?= demo-workspace
 PORT ?= 8501
 
-.PHONY: setup setup-test demo test test-fast bench clean
+.PHONY: setup setup-test demo test test-fast lint bench clean
 
 setup:
 	scripts/setup.sh app
@@ -20,6 +20,9 @@ test: setup-test
 
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow and not browser and not ray"
+
+lint: setup-test
+	$(PY) -m ruff check .
 
 bench: setup-test
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

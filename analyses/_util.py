@@ -12,11 +12,63 @@ import numpy as np
 import torch
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device is None or device == "auto":
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED = 0
+
+
+@contextmanager
+def torch_single_thread():
+    """torch intra-op threads at 1 while the block runs. torch's setting is process-wide, so
+    concurrent users (UI jobs run in threads) share one counted scope: the first one in saves
+    and lowers it, the last one out restores it (a plain save/set/restore per caller could
+    leave the process at 1 thread when two overlap)."""
+    global _THREADS_USERS, _THREADS_SAVED
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_SAVED)
+
+
+def resolve_device(device: str | torch.device | None = "auto",
+                   like: torch.Tensor | None = None) -> torch.device:
+    """The one device rule. An explicit device is used as given. 'auto' (or '') -> the device of
+    `like` (data the caller already holds) when that is an accelerator, else cuda when available,
+    else cpu. None -> 'auto', except that with `like` it means "where the data is" (no move)."""
+    if device is None and like is not None:
+        return like.device
+    if device is None or device in ("auto", ""):
+        if like is not None and like.device.type != "cpu":
+            return like.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+# The one name -> torch dtype map (stores, models and SAEs each accept a subset of it; see
+# `dtype_key`). Aliases are the spellings users and other libraries write (SAELens: "torch.float32").
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
+                                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64",
+                 "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def dtype_key(dtype: str | torch.dtype, allowed=DTYPES) -> str:
+    """'float16', 'torch.float16', 'fp16', 'half' or torch.float16 -> 'float16' (the key in DTYPES);
+    ValueError naming the `allowed` keys for anything else."""
+    key = str(dtype).strip().lower()
+    key = key[len("torch."):] if key.startswith("torch.") else key
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in allowed:
+        raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {dtype!r}")
+    return key
 
 
 def as_tensor(x: Any, *, name: str = "X", dtype: torch.dtype | None = None,

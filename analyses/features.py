@@ -29,7 +29,7 @@ Everything after the nonzero scan of a chunk is O(nnz) — for sparse codes (Top
 a small fraction of rows x d_sae. State is O(d_sae * (n_top + n_buckets * per_bucket) * W); a
 [n_tokens, d_sae] matrix is never built.
 
-Weight-based panels: ``logit_table`` (top / bottom entries of W_dec[f] @ W_U, plus a histogram),
+Weight-based panels: ``logit_table`` (top / bottom entries of W_dec[f] @ W_U_folded, plus a histogram),
 ``decoder_neighbours`` (nearest latents by decoder cosine, computed in row blocks) and
 ``neuron_alignment`` (largest |W_dec[f, n]|).
 
@@ -369,7 +369,9 @@ def feature_stats(make_batches: Callable[[], Iterable], d_sae: int, encode: Call
 # ---------------------------------------------------------------------- weight-based panels
 def logit_table(W_dec: torch.Tensor, W_U: torch.Tensor, k: int = 10, bins: int = 40,
                 max_block_elems: int = 1 << 22) -> dict[str, torch.Tensor]:
-    """Direct logit effect of each latent, W_dec[f] @ W_U (no LayerNorm folded in), in row blocks.
+    """Direct logit effect of each latent, W_dec[f] @ W_U, in row blocks. Pass W_U with the final norm's
+    gain folded in (diag(g) @ W_U, LayerNorm also centred over d_model; workbench ``Model.W_U_folded``), as
+    sae_vis / Neuronpedia do (TransformerLens fold_ln): a raw W_U reorders the tokens when g is not flat.
 
     Returns top_ids / top_values [d_sae, k] (largest first), bottom_ids / bottom_values (most
     negative first), hist_counts [d_sae, bins] over linear bins from the row's min to its max, and

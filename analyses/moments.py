@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._util import blas_single_thread, blas_threads, check_finite_rows
+from ._util import blas_single_thread, blas_threads, check_finite_rows, torch_single_thread
 
-__all__ = ["MomentAccumulator", "small_linalg", "as_batch", "CHUNK_ROWS"]
+__all__ = ["MomentAccumulator", "small_linalg", "as_batch", "CHUNK_ROWS", "PRECISIONS", "resolve_precision"]
 
 CHUNK_ROWS = 8192          # rows per product on CUDA and at most on CPU (CPU chunks are sized to ~8 MiB)
 
@@ -28,12 +28,8 @@ def small_linalg(t: torch.Tensor, max_d: int = 4096):
     if t.device.type != "cpu" or t.shape[-1] > max_d or torch.get_num_threads() == 1:
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_single_thread():     # counted: safe when UI jobs overlap in threads
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def as_batch(b: Any) -> torch.Tensor:
@@ -48,6 +44,20 @@ def as_batch(b: Any) -> torch.Tensor:
     return b.detach()
 
 
+PRECISIONS = ("auto", "mixed", "float64", "exact")
+
+
+def resolve_precision(precision: str) -> str:
+    """"exact" is an alias of "float64"; "auto" stays until the first batch shows its dtype:
+    float64 rows -> "float64", float32 / half rows -> "mixed"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} ('mixed': float32 products "
+                         f"per chunk added in float64, ~2e-8 relative error; 'float64'/'exact': float64 "
+                         f"products; 'auto': mixed for float32/half rows, float64 for float64 rows), "
+                         f"got {precision!r}")
+    return "float64" if precision == "exact" else precision
+
+
 class MomentAccumulator:
     """Streaming mean and (co)variance in float64 with a shift, on `device`.
 
@@ -59,14 +69,15 @@ class MomentAccumulator:
     its own float64 sums, which are added at the end. One multi-threaded syrk per chunk would
     leave a core idle (or spinning) while the other centres the next chunk; this way both cores do
     both. Sums therefore depend on the thread count at the last float64 digit (~1e-16 relative),
-    nothing more. CUDA uses torch on the device.
+    nothing more. CUDA uses torch on the device (float64 products whatever ``precision``).
+
+    ``precision`` defaults to "float64" here because the single-pair similarity functions built on
+    it are the references checked against the published implementations; PCA defaults to "auto".
     """
 
     def __init__(self, d: int | None = None, device: torch.device | str = "cpu", name: str = "X",
                  check_finite: bool = True, precision: str = "float64"):
-        if precision not in ("float64", "mixed"):
-            raise ValueError(f"precision must be 'float64' or 'mixed', got {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision)      # "auto" is decided by the first batch
         self.device = torch.device(device)
         self.d = d
         self.n = 0
@@ -83,6 +94,8 @@ class MomentAccumulator:
         if self.d is not None and self.d != d:
             raise ValueError(f"{self.name}: batch has {d} columns, expected {self.d}")
         self.d = d
+        if self.precision == "auto":           # float64 rows keep float64 maths; narrower rows go mixed
+            self.precision = "float64" if first.dtype == torch.float64 else "mixed"
         head = first[:1024]
         shift = head.cpu().numpy().mean(0, dtype=np.float64) if head.device.type == "cpu" and \
             head.dtype in (torch.float32, torch.float64) else head.to(torch.float64).mean(0).cpu().numpy()

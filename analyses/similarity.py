@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ._util import as_tensor
+from ._util import as_tensor, resolve_device
 from .moments import CHUNK_ROWS, MomentAccumulator, small_linalg
 from .pca import svd_flip_rows
 
@@ -491,9 +491,7 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
             if r.shape[0] != n:
                 raise ValueError(f"all representations must have the same rows: {name}[{i}] has shape "
                                  f"{tuple(r.shape)}, reps_a[0] has {tuple(A[0].shape)}")
-    dev = torch.device(device) if device not in (None, "auto") else (
-        A[0].device if A[0].device.type != "cpu" else
-        torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device, like=A[0])      # None: where the data is; "auto": GPU when there is one
     na, nb = len(A), len(B)
     M = torch.full((na, nb), float("nan"), dtype=F64)
     total = na * nb if not sym else na * (na + 1) // 2

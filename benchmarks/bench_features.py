@@ -42,7 +42,8 @@ HOOK = "blocks.6.hook_resid_post"
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+    return (f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} cores)")
 
 
 def make_store(path: Path, n: int, d_in: int, seq_len: int = 128, seed: int = 0):
@@ -155,7 +156,8 @@ def main() -> None:
         print(f"naive (b) dense cached matrix ({nd} tokens x {args.d_sae} latents = "
               f"{nd * args.d_sae * 4 / 2**30:.2f} GiB, encode not timed): {per * 1e3:.2f} ms/latent on {m} latents "
               f"-> {naive_b:.0f}s extrapolated to {args.d_sae} latents x {args.tokens} tokens "
-              f"(linear in tokens; needs {args.tokens * args.d_sae * 4 / 2**30:.1f} GiB); ratio {naive_b / ours:.1f}x wall, "
+              f"(linear in tokens; needs {args.tokens * args.d_sae * 4 / 2**30:.1f} GiB); "
+              f"ratio {naive_b / ours:.1f}x wall, "
               f"{per_cpu * args.d_sae * (args.tokens / nd) / ours_cpu:.1f}x CPU "
               f"(no logit table / neighbours in the baseline)")
 

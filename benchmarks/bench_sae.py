@@ -107,7 +107,8 @@ def run_saelens(args, X, Xe, dev):
     sae = TopKTrainingSAE(cfg)
     tcfg = SAETrainerConfig(total_training_samples=X.shape[0], train_batch_size_samples=args.batch_size,
                             lr=args.lr, lr_end=args.lr, device=str(dev), autocast=dev.type == "cuda",
-                            n_batches_for_norm_estimate=4, dead_feature_window=10 ** 9,   # default 1000: no AuxK either in 30 steps
+                            # dead_feature_window default 1000: no AuxK either in 30 steps
+                            n_batches_for_norm_estimate=4, dead_feature_window=10 ** 9,
                             feature_sampling_window=10 ** 9)
     provider = itertools.cycle([b.to(dev) for b in X.split(args.batch_size)])
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
@@ -217,7 +218,8 @@ def main():
         cmd = [sys.executable, __file__, "--worker", m] + [a for a in sys.argv[1:]]
         if "--lr" not in sys.argv:
             cmd += ["--lr", str(args.lr)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         if r.returncode != 0 or not line:
             print(f"{m}: FAILED\n{r.stderr[-3000:]}")

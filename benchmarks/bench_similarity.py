@@ -43,7 +43,7 @@ def layers(n, d, h, seed=0):
     z = torch.randn(n, 64, generator=g)
     out = []
     x = z @ torch.randn(64, d, generator=g)
-    for i in range(h):
+    for _ in range(h):
         x = 0.9 * x + 0.3 * torch.randn(n, 64, generator=g) @ torch.randn(64, d, generator=g) \
             + 0.2 * torch.randn(n, d, generator=g)
         out.append(x.clone())

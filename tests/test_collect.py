@@ -1,6 +1,5 @@
 """Collecting activations: equality with a plain HF forward, padding, determinism, resume."""
 
-import hashlib
 import json
 import os
 import signal

@@ -108,7 +108,9 @@ def test_same_tokens_aligned_by_position(stores):
 
 def test_different_tokenisers_pool_documents(stores):
     A, C = stores["A"], stores["C"]
-    r = compare_matrix(A.path, C.path, hooks_a=[H[0]], metric="linear_cka", precision="float64")
+    with pytest.raises(WorkbenchError, match="only 8 documents in common: .* at least 50"):
+        compare_matrix(A.path, C.path, hooks_a=[H[0]], metric="linear_cka")
+    r = compare_matrix(A.path, C.path, hooks_a=[H[0]], metric="linear_cka", precision="float64", min_docs=8)
     assert r["align"] == "document"
     docs = torch.arange(N_SEQ) // 3
     doc_of_row = docs[stores["seq"]]
@@ -120,7 +122,7 @@ def test_different_tokenisers_pool_documents(stores):
     ref = S.linear_cka(pooled(stores["acts_a"][H[0]]), pooled(stores["acts_c"]["z"]))
     assert r["matrix"][0, 0] == pytest.approx(ref, abs=1e-9)
     # explicit document alignment on the same tokens also works (pooled)
-    r2 = compare_matrix(A.path, stores["B"].path, hooks_a=[H[0]], hooks_b=["x"], align="document",
+    r2 = compare_matrix(A.path, stores["B"].path, hooks_a=[H[0]], hooks_b=["x"], align="document", min_docs=4,
                         metric="linear_cka")
     assert r2["align"] == "document" and r2["n_rows"] == n_docs
 
@@ -180,18 +182,24 @@ def test_max_norm_ratio_drops_sink_rows(tmp_path):
     x[sink] += 300.0 * torch.ones(D)
     y[sink] += 300.0 * torch.ones(D)
     st = _make(tmp_path / "s", tokens, {"x": x, "y": y}, seq, pos)
-    plain = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64")
-    clean = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64", max_norm_ratio=10)
+    plain = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64", max_norm_ratio=0)
+    clean = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64")   # default: 10
     assert clean["rows_dropped"] == int(sink.sum()) and clean["n_rows"] == n - int(sink.sum())
     ref = S.linear_cka(x[~sink].double(), y[~sink].double())
     assert abs(float(clean["matrix"][0, 1]) - ref) < 1e-9
     assert float(plain["matrix"][0, 1]) > 0.99 > ref + 0.1          # the sinks made them look alike
     assert plain["massive_sq_norm_share_max"] > 0.9 and clean["massive_sq_norm_share_max"] < 0.5
-    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "w")})
+    assert clean["max_norm_ratio"] == 10 and clean["rows_dropped_by_hook"] == {"x": int(sink.sum()),
+                                                                               "y": int(sink.sum())}
+    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "w"),
+                               "max_norm_ratio": 0})
     assert "--max-norm-ratio 10" in res.summary["warning"]
+    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "w2")})
+    assert f"{int(sink.sum())} rows left out" in res.summary["note"] and "warning" not in res.summary
+    assert read_result(tmp_path / "w2", "compare")["rows_dropped"] == int(sink.sum())
     # document pooling leaves the dropped rows out of the means
     doc = compare_matrix(st, _make(tmp_path / "t", tokens + 100, {"z": y}, seq, pos), hooks_a=["x"],
-                         hooks_b=["z"], metric="linear_cka", align="document", precision="float64",
+                         hooks_b=["z"], metric="linear_cka", align="document", precision="float64", min_docs=4,
                          max_norm_ratio=10)
     docs = torch.arange(N_SEQ) // 3
     dr = docs[seq]
@@ -201,3 +209,61 @@ def test_max_norm_ratio_drops_sink_rows(tmp_path):
     assert abs(float(doc["matrix"][0, 0]) - S.linear_cka(mx, my)) < 1e-9
     with pytest.raises(WorkbenchError, match="max-norm-ratio"):
         compare_matrix(st, hooks_a=["x"], metric="linear_cka", max_norm_ratio=0.5)
+
+
+def _rogue_store(tmp_path, scale=60.0):
+    """Two hooks that share a signal in 12 dimensions, plus one 'rogue' dimension each with a huge,
+    unrelated variance (Timkey & van Schijndel 2021)."""
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 100, (N_SEQ, SEQ_LEN), generator=g)
+    seq, pos = _layout()
+    n = seq.numel()
+    z = torch.randn(n, 12, generator=g)
+    x = z + 0.3 * torch.randn(n, 12, generator=g)
+    y = z @ torch.linalg.qr(torch.randn(12, 12, generator=g))[0] + 0.3 * torch.randn(n, 12, generator=g)
+    x[:, 4] += scale * torch.randn(n, generator=g)          # rogue: independent in x and y
+    y[:, 9] += scale * torch.randn(n, generator=g)
+    return _make(tmp_path / "rogue", tokens, {"x": x, "y": y}, seq, pos), x.double(), y.double()
+
+
+def _np_linear_cka(X, Y):
+    """Independent oracle: Kornblith et al. 2019, feature-space form, in numpy."""
+    X = X - X.mean(0)
+    Y = Y - Y.mean(0)
+    return np.linalg.norm(Y.T @ X) ** 2 / (np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
+
+
+def test_rogue_dimension_is_reported_and_standardize_removes_it(tmp_path):
+    st, x, y = _rogue_store(tmp_path)
+    raw = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64")
+    # without the rogue dimensions the two hooks are near-identical; with them, CKA sees mostly noise
+    clean = _np_linear_cka(np.delete(x.numpy(), 4, 1), np.delete(y.numpy(), 9, 1))
+    assert clean > 0.7 and float(raw["matrix"][0, 1]) < 0.1
+    assert raw["rogue_dims"]["x"]["dims"][0] == 4 and raw["rogue_dims"]["y"]["dims"][0] == 9
+    assert raw["rogue_dims"]["x"]["top1_share"] > 0.9
+    assert raw["rogue_check"]["done"] and raw["rogue_check"]["max_change"] > 0.5
+    # --standardize equals linear CKA of the z-scored data, computed independently
+    std = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64", standardize_dims=True)
+    zx = (x.numpy() - x.numpy().mean(0)) / x.numpy().std(0, ddof=1)
+    zy = (y.numpy() - y.numpy().mean(0)) / y.numpy().std(0, ddof=1)
+    assert abs(float(std["matrix"][0, 1]) - _np_linear_cka(zx, zy)) < 1e-9
+    assert float(std["matrix"][0, 1]) > 0.5 and not std["rogue_check"]["done"]
+    # --drop-top-dims 1 equals the CKA without each hook's largest-variance dimension
+    drop = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64", drop_top=1)
+    assert abs(float(drop["matrix"][0, 1]) - clean) < 1e-9
+    # the step warns and names the remedy; with it, no warning
+    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "r")})
+    assert "rogue dimensions" in res.summary["warning"] and "--standardize" in res.summary["warning"]
+    meta = read_result(tmp_path / "r", "compare")
+    assert meta["rogue_check"]["max_change"] > 0.5 and meta["rogue_dims"]["x"]["dims"][0] == 4
+    res = run_step("compare", {"store_a": str(st.path), "hooks_a": ["x", "y"], "out": str(tmp_path / "s"),
+                               "standardize": True})
+    assert "warning" not in res.summary
+    with pytest.raises(WorkbenchError, match="drop-top-dims"):
+        compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", drop_top=12)
+
+
+def test_no_rogue_warning_without_rogue_dimensions(tmp_path):
+    st, _, _ = _rogue_store(tmp_path, scale=0.0)
+    raw = compare_matrix(st, hooks_a=["x", "y"], metric="linear_cka", precision="float64")
+    assert raw["rogue_dims"]["x"]["top1_over_median"] < 3 and not raw["rogue_check"]["done"]

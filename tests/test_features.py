@@ -348,3 +348,98 @@ def test_unknown_hook_fails_before_writing(setup, tmp_path, monkeypatch):
         run_step("features", {"sae": str(tmp_path / "sae"), "store": str(setup["store"].path),
                               "hook": "blocks.9.hook_resid_pre", "out": str(tmp_path / "o")})
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ logit tables: final norm folded in
+# sae_vis / Neuronpedia take W_dec @ W_U of a TransformerLens model with fold_ln: the final norm's gain
+# is part of W_U (and LayerNorm's mean removal: W_U centred over d_model). Checked against the plain
+# Hugging Face weights and against the model's own logits.
+
+@pytest.fixture(scope="module")
+def gain_folders(tmp_path_factory):
+    from tiny_hf_folders import make_folder
+    tmp = tmp_path_factory.mktemp("gain")
+    return {fam: make_folder(fam, tmp / fam) for fam in ("llama", "gpt2")}
+
+
+def test_W_U_folded_rmsnorm_is_gain_times_lm_head(gain_folders):
+    from transformers import AutoModelForCausalLM
+
+    from workbench import load_model
+    m = load_model(str(gain_folders["llama"]), device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(gain_folders["llama"]))
+    g, W = hf.model.norm.weight.detach(), hf.lm_head.weight.detach()          # [d], [vocab, d]
+    assert not torch.allclose(g, torch.ones_like(g))                           # else the test cannot fail
+    assert torch.equal(m.final_norm_weight, g)
+    assert torch.allclose(m.W_U_folded, W.T * g[:, None], atol=1e-6)
+    # the model's logits are (x / rms(x)) @ W_U_folded: the fold is what the forward computes
+    ids = torch.randint(200, 3000, (2, 7), generator=torch.Generator().manual_seed(1))
+    x = m.run(ids, None, ["ln_final.hook_in"])["ln_final.hook_in"]
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps)
+    assert torch.allclose(m.logits(ids), xn @ m.W_U_folded, atol=1e-4)
+
+
+def test_W_U_folded_layernorm_is_centred(gain_folders):
+    from transformers import AutoModelForCausalLM
+
+    from workbench import load_model
+    m = load_model(str(gain_folders["gpt2"]), device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(gain_folders["gpt2"]))
+    ln = hf.transformer.ln_f
+    g, b, W = ln.weight.detach(), ln.bias.detach(), hf.lm_head.weight.detach().T
+    want = W * g[:, None]
+    want = want - want.mean(0, keepdim=True)
+    assert torch.allclose(m.W_U_folded, want, atol=1e-6)
+    ids = torch.randint(200, 3000, (2, 7), generator=torch.Generator().manual_seed(2))
+    x = m.run(ids, None, ["ln_final.hook_in"])["ln_final.hook_in"]
+    xc = x - x.mean(-1, keepdim=True)
+    xn = xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + ln.eps)
+    # the bias adds b @ W_U to every position whatever the direction: not part of a direction's effect
+    assert torch.allclose(m.logits(ids) - b @ W, xn @ m.W_U_folded, atol=1e-4)
+
+
+def test_features_step_logit_table_uses_the_folded_unembedding(gain_folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from analyses.sae import make_sae
+    from workbench.steps import run_step
+    folder = gain_folders["llama"]
+    g = torch.Generator().manual_seed(3)
+    n_seq, L = 6, 8
+    tok = torch.randint(200, 3000, (n_seq, L), generator=g)
+    mask = torch.ones(n_seq, L, dtype=torch.bool)
+    si, po = mask.nonzero(as_tuple=True)
+    store = write_store(tmp_path / "store", {HOOK: torch.randn(len(si), 64, generator=g)}, tok, mask,
+                        torch.arange(n_seq), si, po, str(folder))
+    torch.manual_seed(0)
+    sae = make_sae("topk", 64, 32, k=4, metadata={"hook_name": HOOK, "model_name": str(folder)})
+    sae.save(tmp_path / "sae")
+    res = run_step("features", {"sae": str(tmp_path / "sae"), "store": str(store.path), "out": str(tmp_path / "o"),
+                                "n_logits": 5, "device": "cpu"})
+    fd = F.load_features(res.artifacts["features"])
+    assert fd.has_logits and "final-norm gain" in fd.meta["logit_unembedding"]
+    hf = AutoModelForCausalLM.from_pretrained(str(folder))
+    W = hf.lm_head.weight.detach().T
+    L_fold = sae.W_dec.detach() @ (W * hf.model.norm.weight.detach()[:, None])
+    assert torch.equal(fd.t["logit_top_ids"], L_fold.topk(5, dim=1).indices)
+    assert torch.equal(fd.t["logit_bottom_ids"], L_fold.topk(5, dim=1, largest=False).indices)
+    assert torch.allclose(fd.t["logit_top_values"], L_fold.topk(5, dim=1).values, atol=1e-4)
+    raw = (sae.W_dec.detach() @ W).topk(5, dim=1).indices
+    assert not torch.equal(raw, fd.t["logit_top_ids"])        # the unfolded W_U would rank other tokens
+
+
+@pytest.mark.slow
+def test_W_U_folded_smollm2_matches_hf_weights():
+    """SmolLM2's final RMSNorm gain is far from flat: the fold changes which tokens a direction promotes."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench import load_model
+    m = load_model("smollm2-135m", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(m.source)
+    g, W = hf.model.norm.weight.detach().float(), hf.lm_head.weight.detach().float().T
+    assert float(g.std()) > 0.05
+    assert torch.allclose(m.W_U_folded.float(), W * g[:, None], atol=1e-5)
+    ids = m.tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt")["input_ids"]
+    x = m.run(ids, None, ["ln_final.hook_in"])["ln_final.hook_in"]
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps)
+    assert torch.allclose(m.logits(ids), xn @ m.W_U_folded, atol=1e-3, rtol=1e-4)

@@ -262,7 +262,8 @@ def test_list_specs_and_tokenizer(monkeypatch):
         assert set(specs[name]) == {"spec", "description", "available", "reason"}
     assert specs["gpt2"]["available"] in (True, False)
     tok = load_tokenizer("minilm-l6")
-    assert tok.pad_token is not None and tok.decode(tok("hello world")["input_ids"], skip_special_tokens=True) == "hello world"
+    assert tok.pad_token is not None
+    assert tok.decode(tok("hello world")["input_ids"], skip_special_tokens=True) == "hello world"
     assert load_tokenizer("tiny-random").pad_token == "[PAD]"
 
 

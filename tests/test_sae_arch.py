@@ -1,7 +1,5 @@
 """SAE architectures: synthetic ground-truth recovery, hand-checked gradients, decoder norms, sparse decode."""
 
-import math
-
 import pytest
 import torch
 
@@ -188,5 +186,53 @@ def test_input_scale_is_folded_into_weights(data):
 
 
 def test_registry_has_every_architecture():
-    assert set(ARCHS) == {"relu", "topk", "batchtopk", "jumprelu", "matryoshka"}
+    from analyses.sae import KNOWN_ARCHS, uses_k
+    from workbench.steps.sae import ARCH_CHOICES, TOPK_FAMILY
+    assert list(ARCHS) == ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
     assert issubclass(ARCHS["batchtopk"], BatchTopKSAE)
+    # every other list is the registry
+    assert list(KNOWN_ARCHS) == list(ARCHS) == list(ARCH_CHOICES)
+    assert [a for a in ARCHS if uses_k(a)] == ["topk", "batchtopk", "matryoshka"]
+    assert [a for a in ARCHS if a in TOPK_FAMILY] == ["topk", "batchtopk", "matryoshka"]
+
+
+@pytest.fixture
+def tiny_arch():
+    """An architecture defined and registered here only (one class + one registration)."""
+    from analyses.sae import TopKSAE, register_arch, unregister_arch
+
+    @register_arch
+    class TinyTopK(TopKSAE):
+        arch = "tinytopk"
+    yield TinyTopK
+    unregister_arch("tinytopk")
+
+
+def test_an_architecture_registered_elsewhere_is_everywhere(tiny_arch, tmp_path):
+    import dataclasses
+    from analyses.sae import load_sae
+    from workbench.cli import build_parser
+    from workbench.sweep.spec import step_fields
+    assert ARCHS["tinytopk"] is tiny_arch
+    # CLI choices (parser built now or earlier: the choices are a live view of the registry)
+    ns = build_parser().parse_args(["train-sae", "STORE", "--arch", "tinytopk"])
+    assert ns.arch == "tinytopk"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-sae", "STORE", "--arch", "nope"])
+    # sweep schema and the UI form read the same field metadata
+    fields, _ = step_fields("train_sae")
+    assert "tinytopk" in fields["arch"].metadata["choices"]
+    assert "tinytopk" in list(fields["arch"].metadata["choices"])
+    from workbench.steps.sae import TOPK_FAMILY, TrainSAEConfig
+    assert "tinytopk" in TOPK_FAMILY     # uses_k inherited from TopK: train-sae passes --k
+    assert any(f.name == "arch" for f in dataclasses.fields(TrainSAEConfig))
+    # the trainer, the config checks and the SAELens round trip know it too
+    sae = train_sae(torch.randn(512, 8), arch="tinytopk", d_sae=16, k=2, batch_size=128, progress=False)
+    assert type(sae) is tiny_arch
+    with pytest.raises(ValueError, match="needs k"):
+        make_sae("tinytopk", 8, 16)
+    sae.save(tmp_path / "t")
+    assert type(load_sae(tmp_path / "t")) is tiny_arch
+    # unknown names list the registry
+    with pytest.raises(ValueError, match="known: relu, topk, batchtopk, jumprelu, matryoshka, tinytopk"):
+        make_sae("nope", 8, 16)

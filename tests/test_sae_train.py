@@ -183,3 +183,52 @@ def test_callable_and_list_sources_and_default_one_pass():
     _assert_same(a, b)
     with pytest.raises(TypeError, match="one-shot iterator"):
         train_sae(iter(X.split(100)), arch="topk", d_sae=32, k=2, progress=False)
+
+
+# ------------------------------------------------------------------ guards, density (issue 10 §1)
+
+@pytest.mark.parametrize("lr", [0.0, -1.0, float("nan"), float("inf")])
+def test_lr_must_be_positive_and_finite(lr):
+    def source(epoch):
+        raise AssertionError("the data was read: the lr check must come before any training")
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0"):
+        train_sae(source, arch="topk", d_sae=32, k=2, lr=lr, progress=False)
+
+
+def test_exploding_lr_stops_with_a_clear_error():
+    X = _data(n=4096)
+    steps = []
+    with pytest.raises(SAETrainingError, match=r"exploded: batch FVU .* at step \d+"):
+        train_sae(X, arch="topk", d_sae=64, k=4, n_tokens=4096 * 4, batch_size=256, lr=1e6, progress=False,
+                  callback=lambda s, info: steps.append(info["fvu"]))
+    assert len(steps) < 64          # stopped early, not after the whole run
+    assert all(f < 100 for f in steps)   # no step with an exploded FVU was applied and reported
+
+
+def test_exploding_batch_keeps_last_good_checkpoint(tmp_path):
+    X = _data(n=4096)
+
+    def source(epoch):
+        for i in range(0, 4096, 256):
+            b = X[i:i + 256]
+            yield b + 1e5 if i >= 256 * 5 else b    # finite loss, but FVU ~1e9: the run is broken
+    with pytest.raises(SAETrainingError, match=r"exploded.*at step 5.*last good checkpoint kept at"):
+        train_sae(source, arch="topk", d_sae=64, k=4, n_tokens=4096, batch_size=256, progress=False,
+                  checkpoint_dir=tmp_path, checkpoint_every=2)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_density_is_counted_on_the_last_training_tokens():
+    # lr ~ 0: the weights hardly move, so the counts the trainer kept over its last batches must equal the
+    # firing of the returned SAE on exactly those rows (10 steps: the window is steps 8-9, 512 tokens)
+    X = _data(n=2560)
+    batches = list(X.split(256))
+    sae = train_sae(batches, arch="topk", d_sae=48, k=4, batch_size=256, lr=1e-12, progress=False)
+    wb = sae.cfg.metadata["workbench"]
+    assert wb["density_tokens"] == 512
+    fired = (sae.encode(torch.cat(batches[8:])) > 0).sum(0).double()
+    want = torch.log10(fired / 512 + 1e-10).float()
+    assert torch.allclose(sae.sparsity, want, atol=1e-6)
+    assert wb["dead_fraction"] == pytest.approx(float((fired == 0).double().mean()))

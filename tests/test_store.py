@@ -229,3 +229,77 @@ def test_cli_store_info_verify(synth, capsys):
     f.write_bytes(bytes(data))
     assert main(["store", "verify", str(s.path)]) == 2
     assert f.name in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ document split, row-restricted batches
+
+def test_split_rows_by_document(tmp_path):
+    from workbench.store_split import _key
+    acts, tok, mask, docs, si, po = _synthetic(n_seq=90, seq_len=8)     # 30 documents of 3 windows
+    a = write_store(tmp_path / "a", acts, tok, mask, docs, si, po, "m", shard_rows=40)
+    b = write_store(tmp_path / "b", acts, tok, mask, docs, si, po, "m", shard_rows=1000)
+    tr, ho = a.split_rows(0.1, seed=0)
+    assert torch.equal(torch.sort(torch.cat([tr, ho]))[0], torch.arange(a.n_rows))   # a partition
+    doc_of_row = docs[si]
+    held_docs = set(doc_of_row[ho].tolist())
+    assert len(held_docs) == 3                                           # round(0.1 * 30)
+    assert not held_docs & set(doc_of_row[tr].tolist())                  # whole documents
+    # the rule, computed independently: the 3 document ids with the smallest blake2b keys
+    assert held_docs == set(sorted(range(30), key=lambda d: _key(0, d))[:3])
+    for x, y in zip(a.split_rows(0.1, seed=0), b.split_rows(0.1, seed=0)):
+        assert torch.equal(x, y)                                         # shard layout does not matter
+    assert not torch.equal(a.split_rows(0.1, seed=1)[1], ho)
+    sp = a.split(0.1, 0)
+    assert sp.meta()["unit"] == "document" and sp.meta()["n_heldout_rows"] == ho.numel()
+    assert set(sp.heldout_seqs.tolist()) == {i for i in range(90) if int(docs[i]) in held_docs}
+    tr0, ho0 = a.split_rows(0.0)
+    assert ho0.numel() == 0 and tr0.numel() == a.n_rows
+    for bad in (-0.1, 1.0, "x"):
+        with pytest.raises(WorkbenchError, match=r"fraction in \[0, 1\)"):
+            a.split_rows(bad)
+
+
+def test_split_falls_back_to_sequences_with_too_few_documents(tmp_path):
+    acts, tok, mask, docs, si, po = _synthetic(n_seq=40, seq_len=8)
+    one = write_store(tmp_path / "one", acts, tok, mask, torch.zeros(40, dtype=torch.long), si, po, "m")
+    sp = one.split(0.05, 0)
+    assert sp.unit == "sequence" and sp.heldout_seqs.numel() == 2 and "too few" in sp.note
+    assert set(si[sp.heldout_rows].tolist()) == set(sp.heldout_seqs.tolist())
+    acts1 = {h: v[si == 0] for h, v in acts.items()}
+    n0 = int((si == 0).sum())
+    single = write_store(tmp_path / "single", acts1, tok[:1], mask[:1], torch.zeros(1, dtype=torch.long),
+                         torch.zeros(n0, dtype=torch.long), po[si == 0], "m")
+    with pytest.raises(WorkbenchError, match="too few to hold out.*--holdout 0"):
+        single.split_rows(0.05)
+
+
+def test_batches_restricted_to_rows(tmp_path, monkeypatch):
+    acts, tok, mask, docs, si, po = _synthetic(n_seq=60, seq_len=16)
+    s = write_store(tmp_path / "r", acts, tok, mask, docs, si, po, "m", shard_rows=25)
+    n = s.n_rows
+    _, held = s.split_rows(0.2, seed=0)
+    loaded = [0]
+    orig = store_mod._Shard.tensor
+
+    def counting(self, name, start=0, stop=None):
+        t = orig(self, name, start, stop)
+        if name.startswith("acts."):
+            loaded[0] += t.shape[0]
+        return t
+
+    monkeypatch.setattr(store_mod._Shard, "tensor", counting)
+    got = [b[:, 0].long() for b in s.batches("rowid", 7, seed=3, rows=held, buffer_rows=30)]
+    flat = torch.cat(got)
+    assert sorted(flat.tolist()) == held.tolist()                  # those rows, each once
+    assert loaded[0] == held.numel()                               # only they were read (runs)
+    assert flat.tolist() != held.tolist()                          # shuffled
+    assert torch.equal(torch.cat([b[:, 0].long() for b in s.batches("rowid", 7, seed=3, rows=held,
+                                                                     buffer_rows=30)]), flat)
+    ordered = torch.cat(list(s.batches("blocks.0.hook_resid_post", 5, shuffle=False, rows=held)))
+    assert torch.equal(ordered, acts["blocks.0.hook_resid_post"][held])
+    assert all(b.shape[0] == 5 for b in list(s.batches("rowid", 5, shuffle=False, rows=held, drop_last=True)))
+    scattered = torch.arange(0, n, 3).flip(0)                      # unsorted, every third row: fancy index path
+    got = torch.cat(list(s.batches("rowid", 8, seed=0, rows=torch.cat([scattered, scattered[:4]]))))[:, 0]
+    assert sorted(got.long().tolist()) == sorted(scattered.tolist())
+    with pytest.raises(WorkbenchError, match=r"rows must be indices in \[0, "):
+        next(s.batches("rowid", 4, rows=torch.tensor([n])))

@@ -28,8 +28,8 @@ PY = sys.executable
 # ---------------------------------------------------------------- a test-only step that can hang
 @dataclass
 class HangConfig:
-    store: str = field(metadata=arg("store", positional=True))
-    out: str = field(default="", metadata=arg("output folder"))
+    store: str = field(metadata=arg("store", positional=True, role="store"))
+    out: str = field(default="", metadata=arg("output folder", role="out"))
 
 
 if "sweeptest_hang" not in STEPS:

@@ -8,6 +8,7 @@ import base64
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,10 +232,9 @@ def test_activations_page(ui_workspace):  # noqa: F811
     meta, tens = read_result(path, "pca"), read_tensors(path)
     at = open_page(W["root"], "activations", state={"act_result": name})
     assert not errors(at), errors(at)
-    # scree = stored explained-variance ratios
-    from workbench.ui.readers import pca_projection
-    ratios = np.asarray(meta.get("explained_variance_ratio") if meta.get(
-        "explained_variance_ratio") is not None else tens["explained_variance_ratio"].numpy(), float)
+    # scree = stored explained-variance ratios (read here from the raw files, not through the reader)
+    ratios = np.asarray(meta["explained_variance_ratio"], float)
+    assert np.allclose(ratios, tens["explained_variance_ratio"].numpy())
     at.segmented_control(key="act_view").set_value("Scree & geometry").run()
     assert not at.exception and not errors(at), errors(at)
     scree = figure(at, "act_scree")
@@ -247,8 +247,7 @@ def test_activations_page(ui_workspace):  # noqa: F811
     # scatter coordinates = stored projections of the plotted rows (colour by token: one trace
     # per frequent token; together they hold every plotted point)
     fig = figure(at, "act_scatter")
-    coords, rows = pca_projection(path, meta)
-    rows = np.arange(len(coords)) if rows is None else rows
+    coords, rows = tens["projection"].numpy(), tens["sample_rows"].numpy()
     by_row = {int(r): c for r, c in zip(rows, coords)}
     n = 0
     for tr in fig["data"]:
@@ -295,15 +294,14 @@ def test_activations_feature_colour(ui_workspace):  # noqa: F811
 # ------------------------------------------------------------------ compare
 def test_compare_page(ui_workspace):  # noqa: F811
     W = ui_workspace
-    from workbench.ui.readers import compare_matrices, pca_spectrum
-    mats = compare_matrices(W["compare"])
-    name, m = next(iter(mats.items()))
+    from workbench.results import read_result, read_tensors
+    meta, M = read_result(W["compare"], "compare"), read_tensors(W["compare"])["matrix"].numpy()
     at = open_page(W["root"], "compare", state={"cmp_result": W["compare"].name})
     assert not errors(at), errors(at)
     fig = figure(at, "cmp_heatmap")
     heat = next(t for t in fig["data"] if t["type"] == "heatmap")
-    assert np.allclose(decode(heat["z"]), m["matrix"])
-    assert list(heat["y"]) == list(m["y_labels"]) and list(heat["x"]) == list(m["x_labels"])
+    assert np.allclose(decode(heat["z"]), M)
+    assert list(heat["y"]) == meta["hooks_a"] and list(heat["x"]) == meta["hooks_b"]
     # pick a cell: the two hooks' spectra (both have pca results)
     at.selectbox(key="cmp_row").set_value(HOOKS[0]).run()
     at.selectbox(key="cmp_col").set_value(HOOKS[1]).run()
@@ -311,10 +309,9 @@ def test_compare_page(ui_workspace):  # noqa: F811
     sp = figure(at, "cmp_spectra")
     assert len(sp["data"]) == 2
     for tr, hook in zip(sp["data"], HOOKS):
-        ratios, _ = pca_spectrum(W["pca"][hook])
-        assert np.allclose(decode(tr["y"]), ratios)
-    i, j = m["y_labels"].index(HOOKS[0]), m["x_labels"].index(HOOKS[1])
-    assert any(f"{m['matrix'][i, j]:.4f}" == x.value for x in at.metric)
+        assert np.allclose(decode(tr["y"]), read_result(W["pca"][hook], "pca")["explained_variance_ratio"])
+    i, j = meta["hooks_a"].index(HOOKS[0]), meta["hooks_b"].index(HOOKS[1])
+    assert any(f"{M[i, j]:.4f}" == x.value for x in at.metric)
 
 
 # ------------------------------------------------------------------ run
@@ -359,8 +356,6 @@ def test_run_page_bad_inputs(ui_workspace):  # noqa: F811
 
 # ------------------------------------------------------------------ export
 def test_export_page(ui_workspace):  # noqa: F811
-    import io
-    import zipfile
     W = ui_workspace
     at = open_page(W["root"], "export")
     assert not errors(at), errors(at)
@@ -388,6 +383,8 @@ def test_export_page(ui_workspace):  # noqa: F811
         dl = [b for b in at.get("download_button") if ".zip" in b.proto.label]
         assert dl, fmt
         assert f"-{fmt}.zip" in dl[0].proto.label
+        if must:   # the export went to WS/exports (the one output folder of export_sae)
+            assert list((Path(W["root"]) / "exports").glob(f"*-{fmt}/**/{must}")), fmt
 
 
 def test_launch_refuses_a_busy_port(tmp_path):

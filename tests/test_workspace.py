@@ -39,7 +39,7 @@ def test_config_hash_is_order_independent():
 @dataclass
 class _EchoConfig:
     value: int = field(default=1, metadata=steps.arg("a number"))
-    out: str = field(default="", metadata=steps.arg("output"))
+    out: str = field(default="", metadata=steps.arg("output", role="out"))
     fail: bool = field(default=False, metadata=steps.arg("raise"))
 
 

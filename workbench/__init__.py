@@ -17,6 +17,8 @@ _LAZY = {
     "run_step": ("workbench.steps", "run_step"),
     "WorkbenchError": ("workbench.errors", "WorkbenchError"),
     "StoreCorrupted": ("workbench.errors", "StoreCorrupted"),
+    "steer": ("workbench.interventions", "steer"),
+    "attribute": ("workbench.interventions", "attribute"),
 }
 
 __all__ = sorted(_LAZY)

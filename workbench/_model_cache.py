@@ -9,13 +9,14 @@ file keeps two processes from converting the same model at once (the second wait
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from .results import atomic_write_json
 
 MARKER = ".workbench-complete.json"
 
@@ -70,10 +71,7 @@ def cached_folder(name: str, build: Callable[[Path], None], meta: dict | None = 
             build(tmp)
             info = dict(meta or {}, name=name, built_seconds=round(time.time() - t0, 2),
                         built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            with open(tmp / MARKER, "w") as f:
-                json.dump(info, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
+            atomic_write_json(tmp / MARKER, info)     # fsynced before the folder is renamed
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -95,7 +95,7 @@ def _tl_aliases() -> dict[str, str]:
                 for official, aliases in ns.get("MODEL_ALIASES", {}).items():
                     for a in aliases:
                         table[a] = official
-            except Exception:
+            except Exception:  # noqa: BLE001 - the alias table is optional: official names still work
                 pass
         table.update(_HUB_ALIASES)
         _TL_ALIASES = table
@@ -212,7 +212,7 @@ def _hub_local_snapshot(repo_id: str) -> Path | None:
         from huggingface_hub import snapshot_download
         p = Path(snapshot_download(repo_id, local_files_only=True))
         return p if (p / "config.json").is_file() else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - not in the local HF cache (any hub error): not available
         return None
 
 

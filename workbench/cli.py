@@ -9,36 +9,25 @@ import argparse
 import dataclasses
 import json
 import sys
-import types
+import traceback
 import typing
 from typing import Any
 
-from .errors import USER_ERRORS
+from .errors import BUG_HINT, WorkbenchError
 
 
 def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _unwrap(tp):
-    """(base type, is_list) of a dataclass field annotation (handles Optional / X | None)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _unwrap(args[0])
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (str,)
-        return inner, True
-    return tp, False
-
-
 def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
+    from .steps import unwrap_type
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         md = f.metadata or {}
         if md.get("cli") is False:
             continue
-        base, is_list = _unwrap(hints[f.name])
+        base, is_list, _ = unwrap_type(hints[f.name])
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -147,11 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="file ending in .csv or .parquet")
     q.set_defaults(_fn=_cmd_runs)
 
-    try:
-        from . import sweep as _sweep
-        _sweep.add_cli(sub, common)
-    except ImportError:
-        pass
+    from . import sweep as _sweep
+    _sweep.add_cli(sub, common)
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on the embedded defaults, then the UI")
     p.add_argument("--workspace", default="demo-workspace")
@@ -222,7 +208,7 @@ def _cmd_runs(args) -> int:
         elif args.out.endswith(".csv"):
             df.to_csv(args.out, index=False)
         else:
-            raise ValueError(f"--out must end in .csv or .parquet, got {args.out!r}")
+            raise WorkbenchError(f"--out must end in .csv or .parquet, got {args.out!r}")
         _emit(args, {"out": args.out, "rows": len(df)}, f"wrote {len(df)} runs to {args.out}")
     return 0
 
@@ -243,6 +229,8 @@ def _cmd_app(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import setup_cli
+    setup_cli()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -257,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             _emit(args, res.to_json(), _human_result(args._step, res))
             return 0
         return args._fn(args) or 0
-    except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"workbench: error: {msg}", file=sys.stderr)
+    except WorkbenchError as e:           # bad input: one line, exit 2
+        print(f"workbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("workbench: interrupted (complete shards/checkpoints are kept; rerun to resume)", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: the traceback, and where to report it
+        traceback.print_exc()
+        print(f"workbench: internal error: {BUG_HINT}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

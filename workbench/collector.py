@@ -38,20 +38,24 @@ attention sink (SmolLM2: row norms ~100x the median; one PCA direction holding >
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .corpus import corpus_fingerprint, iter_documents, pack
-from .errors import WorkbenchError
+from .errors import OutputExists, WorkbenchError
+from .logs import bar as bar_for
 from .store import (DTYPES, MANIFEST, ActivationStore, StoreWriter, _settings_diff, dtype_name)
 
 SPECIAL_KINDS = ("bos", "eos", "cls", "sep", "pad")
+log = logging.getLogger(__name__)
 
 
 def _excluded_ids(special_tokens: str, special_ids: dict[str, int | None]) -> tuple[str, list[int]]:
@@ -109,168 +113,30 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
     BOS; with the default ``special_tokens="exclude"`` that token's row is not stored, so the
     attention-sink activations of a model's first position (norms ~100x the rest in SmolLM2)
     land on BOS instead of on the first real token."""
-    if out is None or str(out) == "":
-        raise WorkbenchError("collect needs an output folder (--out PATH)")
-    out = Path(out)
-    for name, v, lo in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                        ("windows_per_doc", windows_per_doc, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise WorkbenchError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if not shard_mb or shard_mb <= 0:
-        raise WorkbenchError(f"shard_mb must be > 0, got {shard_mb!r}")
-    if isinstance(hooks, str):
-        hooks = [hooks]
-    if not hooks:
-        raise WorkbenchError("give at least one hook (--hooks NAME or a pattern like 'blocks.*.hook_resid_post')")
-    # fail fast on a bad corpus spec before loading a model
-    iter_documents(corpus)
-
-    if isinstance(model, str):
-        from .models import load_model
-        model = load_model(model, device=device)
-    elif device not in (None, "auto") and torch.device(device).type != torch.device(model.device).type:
-        raise WorkbenchError(f"the model is loaded on {model.device}, not {device}; load it with "
-                             f"device={device!r} or pass device='auto'")
-    dev = torch.device(model.device)
-
-    resolved = list(dict.fromkeys(model.resolve_hooks(list(hooks))))
-    dims = {h: int(model.d(h)) for h in resolved}
-    if dtype is None:
-        dtype = model.dtype if model.dtype in DTYPES.values() else torch.float32
-    dname = dtype_name(dtype)
-    st_dtype = DTYPES[dname]
-    special = dict(model.special_ids)
-    bos = getattr(model, "text_bos_id", special.get("bos"))
-    if prepend_bos is None:
-        prepend_bos = (getattr(model, "kind", None) == "causal" and bos is not None and
-                       bool(getattr(getattr(model.bridge, "cfg", None), "default_prepend_bos", True)))
-    elif prepend_bos and bos is None:
-        raise WorkbenchError(f"{model.name} has no BOS token to prepend; collect with prepend_bos=False "
-                             "(--prepend-bos no)")
-    prepend_bos = bool(prepend_bos)
-    if prepend_bos:
-        special["bos"] = int(bos)        # the token we put first is the BOS that special_tokens means
-    mode, excluded = _excluded_ids(special_tokens, special)
-    bytes_per_token = sum(dims.values()) * st_dtype.itemsize
-    shard_batches = max(1, int(shard_mb * (1 << 20)) // (batch_size * seq_len * bytes_per_token))
-
-    fingerprint = corpus_fingerprint(corpus)
-    settings = {
-        "model": model.name, "model_dtype": str(model.dtype).replace("torch.", ""),
-        "device": dev.type, "hooks": resolved, "corpus": fingerprint, "max_tokens": max_tokens,
-        "seq_len": seq_len, "batch_size": batch_size, "dtype": dname,
-        "special_tokens": mode, "excluded_ids": excluded, "shard_batches": shard_batches,
-        "windows_per_doc": int(windows_per_doc), "prepend_bos": prepend_bos,
-        "bos_id": int(bos) if prepend_bos else None,
-    }
-    header_kw = dict(model=model.name, hooks=dims, dtype=dname, seq_len=seq_len, settings=settings)
-
+    out, hooks = _check_args(out, hooks, max_tokens, seq_len, batch_size, windows_per_doc, shard_mb)
+    iter_documents(corpus)            # fail fast on a bad corpus spec before loading a model
+    model = _model(model, device)
+    plan = _Plan.make(model, hooks, corpus, max_tokens, seq_len, batch_size, dtype,
+                      special_tokens, shard_mb, windows_per_doc, prepend_bos)
     if (out / MANIFEST).exists() and not overwrite:
         existing = ActivationStore.open(out)
         m = existing.manifest
         old = {**{k: m.get(k) for k in ("model", "hooks", "dtype", "seq_len")},
                "settings": m.get("collect", {}).get("settings") or {}}
-        diff = _settings_diff(old, _header(header_kw))
+        diff = _settings_diff(old, _header(plan.header_kw))
         if diff:
-            raise FileExistsError(f"{out} already holds a store made with different settings ({diff}); "
-                                  "pass --overwrite to replace it or choose another --out")
-        _log(progress, f"collect: {out} is already complete with these settings ({existing.n_rows} rows)")
+            raise OutputExists(f"{out} already holds a store made with different settings ({diff}); "
+                               "pass --overwrite to replace it or choose another --out")
+        _log(progress, f"{out} is already complete with these settings ({existing.n_rows} rows)")
         return existing
 
-    writer = StoreWriter.start(out, overwrite=overwrite, **header_kw)
-    rows_done, seq_done = writer.n_rows, writer.n_seq
+    writer = StoreWriter.start(out, overwrite=overwrite, **plan.header_kw)
     if writer.shards:
-        _log(progress, f"collect: resuming {out} after {len(writer.shards)} complete shard(s) "
-                       f"({rows_done} rows)")
-
-    tok = model.tokenizer
-    pad_id = model.special_ids.get("pad")
-    pad_id = 0 if pad_id is None else int(pad_id)
+        _log(progress, f"resuming {out} after {len(writer.shards)} complete shard(s) "
+                       f"({writer.n_rows} rows)")
     docs = _Docs(iter_documents(corpus))
-    windows = pack(docs, tok, seq_len, windows_per_doc=int(windows_per_doc),
-                   bos_id=int(bos) if prepend_bos else None)
-    excl = torch.tensor(excluded, dtype=torch.long)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_tokens, initial=rows_done, unit="tok", unit_scale=True, file=sys.stderr,
-                   desc=f"collect {out.name}", dynamic_ncols=True, smoothing=0.1)
-
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-    pending: cf.Future | None = None
     t0 = time.perf_counter()
-    rows_new = 0
-    max_doc = -1
-    exhausted = True
-    try:
-        buf = _ShardBuffer(resolved)
-        seq_counter, rows_total = 0, 0
-        for batch in _batches(windows, batch_size):
-            # ---- plan which rows of this batch count, on CPU, before any compute
-            n = len(batch)
-            L = max(len(w.ids) for w in batch)
-            ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-            mask = torch.zeros((n, seq_len), dtype=torch.bool)
-            for i, w in enumerate(batch):
-                ids[i, :len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
-                mask[i, :len(w.ids)] = True
-            keep = mask.clone()
-            if len(excl):
-                keep &= ~torch.isin(ids, excl)
-            per_seq = keep.sum(1)
-            cum = torch.cumsum(per_seq, 0)
-            remaining = max_tokens - rows_total
-            if int(cum[-1]) >= remaining:        # the last batch: cut at exactly max_tokens rows
-                n_used = int((cum < remaining).sum()) + 1
-                batch, ids, mask, keep = batch[:n_used], ids[:n_used], mask[:n_used], keep[:n_used]
-                flat = keep.reshape(-1)
-                over = int(flat.sum()) - remaining
-                if over > 0:
-                    pos = flat.nonzero()[-over:, 0]
-                    flat[pos] = False
-                    keep = flat.reshape(keep.shape)
-                n, L = len(batch), max(len(w.ids) for w in batch)
-            n_rows = int(keep.sum())
-            rows_total += n_rows
-            seq_start = seq_counter
-            seq_counter += n
-            if seq_counter <= seq_done:          # already in a complete shard (resume)
-                if rows_total >= max_tokens:
-                    exhausted = False
-                    break
-                continue
-            # ---- compute
-            with torch.inference_mode():
-                acts = model.run(ids[:, :L].to(dev), mask[:, :L].to(dev), resolved)
-                k = keep[:, :L]
-                kd = k.to(dev)
-                rows = {h: acts[h].reshape(n, L, -1)[kd].to(st_dtype).to("cpu") for h in resolved}
-            del acts
-            si, po = k.nonzero(as_tuple=True)
-            buf.add(rows, si + seq_start, po, ids, mask, torch.tensor([w.doc_id for w in batch]))
-            max_doc = max(max_doc, max(w.doc_id for w in batch))
-            rows_new += n_rows
-            if bar is not None:
-                bar.update(n_rows)
-            done = rows_total >= max_tokens
-            if buf.n_batches >= shard_batches or done:
-                pending = _submit(pool, pending, writer, buf)
-                buf = _ShardBuffer(resolved)
-                if bar is not None:
-                    bar.set_postfix(shards=len(writer.shards) + 1, refresh=False)
-            if done:
-                exhausted = False
-                break
-        if buf.n_batches:
-            pending = _submit(pool, pending, writer, buf)
-        if pending is not None:
-            pending.result()
-            pending = None
-    finally:
-        if bar is not None:
-            bar.close()
-        pool.shutdown(wait=True)   # an in-flight shard write completes (it is atomic either way)
+    rows_new, max_doc, exhausted = _run(model, plan, docs, writer, progress, out.name)
     seconds = time.perf_counter() - t0
     if writer.n_rows == 0:
         raise WorkbenchError(f"corpus {corpus!r} gave no tokens to collect (every token was padding "
@@ -282,11 +148,11 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
         [max_doc] + ([int(_last_doc(writer))] if writer.shards else []))) + 1
     names = docs.names[:n_docs_store] if len(docs.names) >= n_docs_store else None
     store = writer.finalize(
-        corpus=fingerprint,
-        special_tokens={"mode": mode, "excluded_ids": excluded,
-                        "special_ids": special},
+        corpus=plan.fingerprint,
+        special_tokens={"mode": plan.mode, "excluded_ids": plan.excluded,
+                        "special_ids": plan.special},
         documents=names,
-        extra={"model_kind": getattr(model, "kind", None), "prepend_bos": prepend_bos},
+        extra={"model_kind": getattr(model, "kind", None), "prepend_bos": plan.prepend_bos},
         stats={"tokens": writer.n_rows, "exhausted": bool(exhausted and writer.n_rows < max_tokens),
                "seconds_last_run": round(seconds, 3),
                "tokens_per_s_last_run": round(rows_new / seconds, 1) if seconds > 0 else None},
@@ -294,6 +160,178 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
     store.last_run = {"tokens": rows_new, "seconds": seconds,
                       "tokens_per_s": rows_new / seconds if seconds > 0 else 0.0}
     return store
+
+
+def _check_args(out, hooks, max_tokens, seq_len, batch_size, windows_per_doc, shard_mb):
+    if out is None or str(out) == "":
+        raise WorkbenchError("collect needs an output folder (--out PATH)")
+    for name, v, lo in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
+                        ("windows_per_doc", windows_per_doc, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise WorkbenchError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not shard_mb or shard_mb <= 0:
+        raise WorkbenchError(f"shard_mb must be > 0, got {shard_mb!r}")
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not hooks:
+        raise WorkbenchError("give at least one hook (--hooks NAME or a pattern like 'blocks.*.hook_resid_post')")
+    return Path(out), list(hooks)
+
+
+def _model(model: Any, device: str):
+    """A loaded Model from a spec (on `device`), or the given one (which must be on `device`)."""
+    if isinstance(model, str):
+        from .models import load_model
+        return load_model(model, device=device)
+    if device not in (None, "auto") and torch.device(device).type != torch.device(model.device).type:
+        raise WorkbenchError(f"the model is loaded on {model.device}, not {device}; load it with "
+                             f"device={device!r} or pass device='auto'")
+    return model
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the first forward pass; `settings` go into the manifest (a
+    rerun with other settings is refused, with the same ones it resumes)."""
+
+    dev: torch.device
+    hooks: list[str]
+    st_dtype: torch.dtype
+    special: dict[str, Any]
+    prepend_bos: bool
+    bos: int | None
+    mode: str
+    excluded: list[int]
+    shard_batches: int
+    max_tokens: int
+    seq_len: int
+    batch_size: int
+    windows_per_doc: int
+    fingerprint: Any
+    header_kw: dict[str, Any]
+
+    @classmethod
+    def make(cls, model, hooks, corpus, max_tokens, seq_len, batch_size, dtype, special_tokens,
+             shard_mb, windows_per_doc, prepend_bos) -> "_Plan":
+        dev = torch.device(model.device)
+        resolved = list(dict.fromkeys(model.resolve_hooks(list(hooks))))
+        dims = {h: int(model.d(h)) for h in resolved}
+        if dtype is None:
+            dtype = model.dtype if model.dtype in DTYPES.values() else torch.float32
+        dname = dtype_name(dtype)
+        st_dtype = DTYPES[dname]
+        special = dict(model.special_ids)
+        bos = getattr(model, "text_bos_id", special.get("bos"))
+        if prepend_bos is None:
+            prepend_bos = (getattr(model, "kind", None) == "causal" and bos is not None and
+                           bool(getattr(getattr(model.bridge, "cfg", None), "default_prepend_bos", True)))
+        elif prepend_bos and bos is None:
+            raise WorkbenchError(f"{model.name} has no BOS token to prepend; collect with prepend_bos=False "
+                                 "(--prepend-bos no)")
+        prepend_bos = bool(prepend_bos)
+        if prepend_bos:
+            special["bos"] = int(bos)    # the token we put first is the BOS that special_tokens means
+        mode, excluded = _excluded_ids(special_tokens, special)
+        bytes_per_token = sum(dims.values()) * st_dtype.itemsize
+        shard_batches = max(1, int(shard_mb * (1 << 20)) // (batch_size * seq_len * bytes_per_token))
+        fingerprint = corpus_fingerprint(corpus)
+        settings = {
+            "model": model.name, "model_dtype": str(model.dtype).replace("torch.", ""),
+            "device": dev.type, "hooks": resolved, "corpus": fingerprint, "max_tokens": max_tokens,
+            "seq_len": seq_len, "batch_size": batch_size, "dtype": dname,
+            "special_tokens": mode, "excluded_ids": excluded, "shard_batches": shard_batches,
+            "windows_per_doc": int(windows_per_doc), "prepend_bos": prepend_bos,
+            "bos_id": int(bos) if prepend_bos else None,
+        }
+        header_kw = dict(model=model.name, hooks=dims, dtype=dname, seq_len=seq_len, settings=settings)
+        return cls(dev, resolved, st_dtype, special, prepend_bos, bos, mode, excluded, shard_batches,
+                   max_tokens, seq_len, batch_size, int(windows_per_doc), fingerprint, header_kw)
+
+
+def _batch_rows(batch: list, plan: _Plan, pad_id: int, excl: torch.Tensor, remaining: int):
+    """Token ids, mask and the rows to keep of one batch of windows, planned on the CPU before
+    any compute; the batch that reaches max_tokens is cut at exactly `remaining` rows."""
+    n = len(batch)
+    ids = torch.full((n, plan.seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, plan.seq_len), dtype=torch.bool)
+    for i, w in enumerate(batch):
+        ids[i, :len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
+        mask[i, :len(w.ids)] = True
+    keep = mask.clone()
+    if len(excl):
+        keep &= ~torch.isin(ids, excl)
+    cum = torch.cumsum(keep.sum(1), 0)
+    if int(cum[-1]) >= remaining:        # the last batch: cut at exactly max_tokens rows
+        n_used = int((cum < remaining).sum()) + 1
+        batch, ids, mask, keep = batch[:n_used], ids[:n_used], mask[:n_used], keep[:n_used]
+        flat = keep.reshape(-1)
+        over = int(flat.sum()) - remaining
+        if over > 0:
+            flat[flat.nonzero()[-over:, 0]] = False
+            keep = flat.reshape(keep.shape)
+    return batch, ids, mask, keep
+
+
+def _run(model, plan: _Plan, docs: "_Docs", writer: StoreWriter, progress: bool,
+         label: str) -> tuple[int, int, bool]:
+    """The forward passes: rows stream into shards written by a background thread (one in
+    flight). Returns (rows collected now, largest doc id, whether the corpus ran out)."""
+    rows_done, seq_done = writer.n_rows, writer.n_seq
+    pad_id = model.special_ids.get("pad")
+    pad_id = 0 if pad_id is None else int(pad_id)
+    windows = pack(docs, model.tokenizer, plan.seq_len, windows_per_doc=plan.windows_per_doc,
+                   bos_id=int(plan.bos) if plan.prepend_bos else None)
+    excl = torch.tensor(plan.excluded, dtype=torch.long)
+    bar = bar_for(total=plan.max_tokens, initial=rows_done, unit="tok", unit_scale=True,
+                  desc=f"collect {label}", smoothing=0.1) if progress else None
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+    pending: cf.Future | None = None
+    rows_new, max_doc, exhausted = 0, -1, True
+    try:
+        buf = _ShardBuffer(plan.hooks)
+        seq_counter, rows_total = 0, 0
+        for batch in _batches(windows, plan.batch_size):
+            batch, ids, mask, keep = _batch_rows(batch, plan, pad_id, excl, plan.max_tokens - rows_total)
+            n, L = len(batch), max(len(w.ids) for w in batch)
+            n_rows = int(keep.sum())
+            rows_total += n_rows
+            seq_start = seq_counter
+            seq_counter += n
+            if seq_counter <= seq_done:          # already in a complete shard (resume)
+                if rows_total >= plan.max_tokens:
+                    exhausted = False
+                    break
+                continue
+            with torch.inference_mode():
+                acts = model.run(ids[:, :L].to(plan.dev), mask[:, :L].to(plan.dev), plan.hooks)
+                k = keep[:, :L]
+                kd = k.to(plan.dev)
+                rows = {h: acts[h].reshape(n, L, -1)[kd].to(plan.st_dtype).to("cpu") for h in plan.hooks}
+            del acts
+            si, po = k.nonzero(as_tuple=True)
+            buf.add(rows, si + seq_start, po, ids, mask, torch.tensor([w.doc_id for w in batch]))
+            max_doc = max(max_doc, max(w.doc_id for w in batch))
+            rows_new += n_rows
+            if bar is not None:
+                bar.update(n_rows)
+            done = rows_total >= plan.max_tokens
+            if buf.n_batches >= plan.shard_batches or done:
+                pending = _submit(pool, pending, writer, buf)
+                buf = _ShardBuffer(plan.hooks)
+                if bar is not None:
+                    bar.set_postfix(shards=len(writer.shards) + 1, refresh=False)
+            if done:
+                exhausted = False
+                break
+        if buf.n_batches:
+            pending = _submit(pool, pending, writer, buf)
+        if pending is not None:
+            pending.result()
+    finally:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=True)   # an in-flight shard write completes (it is atomic either way)
+    return rows_new, max_doc, exhausted
 
 
 def _header(kw: dict[str, Any]) -> dict[str, Any]:
@@ -364,4 +402,4 @@ _MALLOC_TRIM = None
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        print(msg, file=sys.stderr)
+        log.info(msg)

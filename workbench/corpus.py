@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import WorkbenchError
+from .errors import NotFound, WorkbenchError
 
 SPEC_HELP = ("a corpus is 'builtin', a .txt file (optionally :lines or :paragraphs), a folder of "
              ".txt/.md files, FILE.jsonl[:field], or hf:NAME[:split[:field]]")
@@ -92,7 +92,7 @@ def _source(spec: str) -> Iterator[tuple[str, str]]:
         path, mode = spec.rsplit(":", 1)
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"corpus not found: {path} (no such file or folder); {SPEC_HELP}")
+        raise NotFound(f"corpus not found: {path} (no such file or folder); {SPEC_HELP}")
     if p.is_dir():
         if mode:
             raise WorkbenchError(f"corpus {spec!r}: a folder takes no ':{mode}' suffix")
@@ -323,8 +323,3 @@ def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_token
             yield w
     if not any_window:
         raise WorkbenchError("the corpus has no text (no documents, or only empty ones)")
-
-
-def document_names(spec: str) -> list[str]:
-    """Names of all documents of a corpus (index = doc id)."""
-    return [d.name for d in iter_documents(spec)]

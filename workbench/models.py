@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import WorkbenchError, closest
+from .hooks import expand_patterns, is_glob
 from ._specs import (EMBEDDED, OFFLINE_HINT, SPEC_HELP, TINY_DEFAULTS, _HUB_ALIASES,  # noqa: F401
                      _SMOLLM2_CACHE, _classify, _gguf_cache_name, _hub_local_snapshot, _hub_source,
                      _parse_tiny, _quiet_hf, _source_folder, _tiny_name, hub_reachable, minilm_dir,
@@ -120,10 +121,9 @@ _HOOK_LEVEL = 7_000_001               # our hooks' context level: removing them 
 
 
 def resolve_device(device="auto"):
-    import torch
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """'auto' -> cuda when available, else cpu (the one rule: analyses._util.resolve_device)."""
+    from analyses._util import resolve_device as _resolve
+    return _resolve(device)
 
 
 def resolve_dtype(dtype):
@@ -132,33 +132,11 @@ def resolve_dtype(dtype):
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float64": torch.float64, "fp64": torch.float64}
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in names:
-        raise WorkbenchError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return names[key]
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """'blocks.{6,15}.x' -> ['blocks.6.x', 'blocks.15.x']; '{0..3}' is a range (inclusive)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    alts: list[str] = []
-    for part in m.group(1).split(","):
-        part = part.strip()
-        r = re.fullmatch(r"(\d+)\s*(?:\.\.|-)\s*(\d+)", part)
-        if r:
-            alts.extend(str(i) for i in range(int(r.group(1)), int(r.group(2)) + 1))
-        else:
-            alts.append(part)
-    out = []
-    for a in alts:
-        out.extend(_expand_braces(pattern[:m.start()] + a + pattern[m.end():]))
-    return out
+    from analyses._util import DTYPES, dtype_key        # the one dtype map
+    try:
+        return DTYPES[dtype_key(dtype)]
+    except ValueError:
+        raise WorkbenchError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
 class Model:
@@ -313,16 +291,15 @@ class Model:
 
     def resolve_hooks(self, patterns: str | Iterable[str]) -> list[str]:
         """Exact names, globs ('blocks.*.hook_resid_post') and braces ('blocks.{6,15}.x',
-        'blocks.{0..3}.x') -> hook names, in the order given (globs: model order), no repeats."""
-        if isinstance(patterns, str):
-            patterns = [patterns]
+        'blocks.{0..3}.x'; see workbench.hooks) -> hook names, in the order given (globs: model
+        order), no repeats. Unlike hooks.select_hooks it knows the bridge's aliases."""
         out: list[str] = []
         seen_names: set[str] = set()
-        for pattern in patterns:
-            for pat in _expand_braces(str(pattern).strip()):
-                if any(c in pat for c in "*?["):
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            for pat in expand_patterns(str(pattern)):
+                if is_glob(pat):
                     matched = []
-                    for pid, names in self._pid_names.items():
+                    for names in self._pid_names.values():
                         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
                         if hits:
                             matched.append(names[0] if names[0] in hits else hits[0])
@@ -437,6 +414,37 @@ class Model:
         emb = self.hf_model.get_output_embeddings()
         return None if emb is None else emb.weight.detach().T
 
+    @property
+    def final_norm_weight(self):
+        """Per-dimension gain [d_model] of the norm before the unembedding (RMSNorm / LayerNorm
+        weight; ``1 + w`` where the model stores an offset, as Gemma), or None (encoders, no norm)."""
+        if self.kind != "causal":
+            return None
+        mod = getattr(getattr(self.bridge, "ln_final", None), "original_component", None)
+        w = getattr(mod, "weight", None)
+        if w is None:
+            return None
+        w = w.detach()
+        return 1.0 + w if getattr(self.bridge.cfg, "rmsnorm_uses_offset", False) else w
+
+    @property
+    def W_U_folded(self):
+        """Unembedding with the final norm folded in, [d_model, vocab] (causal), else None:
+        ``diag(gain) @ W_U``, then for LayerNorm centred over d_model (LN removes its input's mean
+        first) — TransformerLens' fold_ln + center_writing_weights, the W_U sae_vis / Neuronpedia
+        take for logit tables. Left out, as there: the norm's 1/rms (one positive factor per token
+        position, same order of tokens) and its bias (adds the same logits whatever the direction)."""
+        W_U = self.W_U
+        if W_U is None:
+            return None
+        g = self.final_norm_weight
+        if g is None:
+            return W_U
+        out = W_U * g.to(W_U.dtype)[:, None]
+        if str(getattr(self.bridge.cfg, "normalization_type", "")).upper().startswith("LN"):
+            out = out - out.mean(0, keepdim=True)
+        return out
+
 
 # ------------------------------------------------------------------------------------- loading
 
@@ -485,6 +493,30 @@ def load_model(spec: str, device="auto", dtype=None) -> Model:
                  source=source)
 
 
+def hf_model_type(spec: str) -> str | None:
+    """The Hugging Face ``model_type`` of `spec` (e.g. "llama"), from its config.json without
+    loading weights; None where that would need the network or a conversion not yet made."""
+    import json
+    try:
+        kind, payload = _classify(spec)
+    except WorkbenchError:
+        return None
+    folder = None
+    if kind in ("smollm2", "tiny"):
+        return "llama"                       # both are built as LlamaForCausalLM
+    if kind in ("minilm", "folder"):
+        folder = Path(payload)
+    elif kind == "gguf":
+        from ._model_cache import cache_root
+        folder = cache_root() / _gguf_cache_name(payload)
+    elif kind == "hub":
+        folder = _hub_local_snapshot(payload)
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") if folder else None
+    except (OSError, ValueError):
+        return None
+
+
 def list_specs() -> list[dict]:
     """[{spec, description, available, reason}] for `workbench models`."""
     from ._model_cache import cache_root, is_complete
@@ -515,4 +547,4 @@ def list_specs() -> list[dict]:
 
 
 __all__ = ["Model", "load_model", "load_tokenizer", "list_specs", "resolve_device", "resolve_dtype",
-           "hub_reachable"]
+           "hub_reachable", "hf_model_type"]

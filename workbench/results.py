@@ -15,15 +15,28 @@ from safetensors.torch import load_file, save_file
 
 from analyses._util import atomic_write
 
-from .errors import WorkbenchError
+from .errors import OutputExists, WorkbenchError
 
 RESULT_FILE = "result.json"
 TENSOR_FILE = "tensors.safetensors"
+# The file each kind of artefact writes LAST: its presence means the artefact is complete
+# (stores: workbench.store MANIFEST; SAEs: the SAELens cfg.json; results and exports: result.json).
+COMPLETE_MARKERS = (RESULT_FILE, "manifest.json", "cfg.json")
+
+
+def is_complete(out: str | os.PathLike | None) -> bool:
+    """True when the folder holds a complete artefact (store, SAE, result or export)."""
+    return out is not None and any((Path(out) / f).is_file() for f in COMPLETE_MARKERS)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers see old or new, never half."""
+    """Write via a temp file in the same folder + fsync + rename, so readers see old or new, never
+    half (the one implementation: analyses._util.atomic_write)."""
     atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data), mode="wb")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -52,15 +65,15 @@ def prepare_out(out: str | os.PathLike, overwrite: bool, what: str = "result") -
     out = Path(out)
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is a file; choose a folder for --out")
-        complete = any((out / f).exists() for f in (RESULT_FILE, "manifest.json", "cfg.json"))
+            raise OutputExists(f"{out} exists and is a file; choose a folder for --out")
+        complete = is_complete(out)
         ours = complete or (out / PARTIAL_MARKER).exists()
         if complete and not overwrite:
-            raise FileExistsError(
+            raise OutputExists(
                 f"{out} already holds a {what}; pass --overwrite to replace it or choose another --out")
         if any(out.iterdir()):
             if not ours:
-                raise FileExistsError(
+                raise OutputExists(
                     f"{out} is a non-empty folder that workbench did not write; choose another --out")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

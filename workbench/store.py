@@ -11,6 +11,9 @@ Layout (format ``workbench.activation_store`` version 1)::
         token_ids        [n_seq, seq_len] int32   the sequences this shard introduces
         attention_mask   [n_seq, seq_len] bool    (False = padding; padding never becomes a row)
         doc_ids          [n_seq]  int64   document id of each sequence (one document per sequence)
+        char_end         [n_seq, seq_len] int32   optional: character of the document where each
+                                          token ends (-1: special / padding); stores collected
+                                          before it existed lack it (``has_char_offsets``)
     STORE/documents.json                  optional: names of the documents (doc id -> name)
     STORE/progress.json                   only while collecting: settings + the shards done so far
 
@@ -41,8 +44,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import StoreCorrupted, WorkbenchError, closest
-from .results import atomic_write_json
+from analyses._util import DTYPES as _ALL_DTYPES, dtype_key
+
+from .errors import OutputExists, StoreCorrupted, WorkbenchError, closest
+from .results import atomic_write_bytes, atomic_write_json
 
 FORMAT = "workbench.activation_store"
 VERSION = 1
@@ -51,8 +56,8 @@ PROGRESS = "progress.json"
 DOCUMENTS = "documents.json"
 SHARD_DIR = "shards"
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
-                                  "bfloat16": torch.bfloat16}
+# Storage dtypes: a subset of the one dtype map (analyses._util.DTYPES).
+DTYPES: dict[str, torch.dtype] = {k: _ALL_DTYPES[k] for k in ("float32", "float16", "bfloat16")}
 _ST_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
              "BOOL": np.bool_}
@@ -64,15 +69,10 @@ DEFAULT_BUFFER_BYTES = 256 << 20   # shuffle window of `batches`
 
 
 def dtype_name(dtype: torch.dtype | str | None) -> str:
-    if isinstance(dtype, str):
-        name = dtype.replace("torch.", "")
-        name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-                "float": "float32"}.get(name, name)
-    else:
-        name = str(dtype).replace("torch.", "")
-    if name not in DTYPES:
-        raise WorkbenchError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return name
+    try:
+        return dtype_key(dtype, DTYPES)
+    except ValueError:
+        raise WorkbenchError(f"storage dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None
 
 
 def shard_name(i: int) -> str:
@@ -357,13 +357,75 @@ class ActivationStore:
             self._seq_cache = {"token_ids": _cat(tok, torch.long, (0, self.seq_len)),
                                "attention_mask": _cat(mask, torch.bool, (0, self.seq_len)),
                                "doc_ids": _cat(doc, torch.long)}
+            if self.has_char_offsets:
+                ends = [self._shard(i).tensor("char_end").long().reshape(-1, self.seq_len)
+                        for i in range(len(self._shards_meta))]
+                self._seq_cache["char_end"] = _cat(ends, torch.long, (0, self.seq_len))
         return {k: v.clone() for k, v in self._seq_cache.items()}
+
+    @property
+    def has_char_offsets(self) -> bool:
+        """Whether every shard records where each token ends in its document (``char_end``)."""
+        return bool(self._shards_meta) and all(self._shard(i).has("char_end")
+                                                for i in range(len(self._shards_meta)))
+
+    def row_char_end(self) -> torch.Tensor:
+        """LongTensor[n_rows]: the character of its document where row r's token ends (-1: none).
+        WorkbenchError for a store collected without offsets."""
+        if not self.has_char_offsets:
+            raise WorkbenchError(f"store {self.path} has no character offsets (collected before they were "
+                                 "recorded, or with a slow tokenizer); collect it again")
+        r = self.rows()
+        return self.sequences()["char_end"][r["seq_index"], r["position"]]
+
+    def split(self, holdout: float = 0.05, seed: int = 0):
+        """Deterministic train / held-out split by document (see :mod:`workbench.store_split`):
+        -> ``StoreSplit`` with ``train_rows``, ``heldout_rows``, ``heldout_seqs``, ``meta()``."""
+        from .store_split import split_store
+        return split_store(self, holdout, seed)
+
+    def split_rows(self, holdout: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train_row_idx, heldout_row_idx), sorted LongTensors; rule in :mod:`workbench.store_split`."""
+        sp = self.split(holdout, seed)
+        return sp.train_rows, sp.heldout_rows
+
+    def _select(self, rows) -> dict[int, torch.Tensor]:
+        """Sorted unique row indices -> {shard: sorted row offsets inside that shard}."""
+        idx = torch.as_tensor(rows).long().reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
+            raise WorkbenchError(f"rows must be indices in [0, {self.n_rows}) (the store's rows), got "
+                                 f"min {int(idx.min())}, max {int(idx.max())}")
+        idx = torch.unique(idx)           # sorted
+        starts = torch.tensor(self._row_starts, dtype=torch.long)
+        shard = torch.searchsorted(starts, idx, right=True) - 1
+        out: dict[int, torch.Tensor] = {}
+        for i in torch.unique(shard).tolist():
+            out[i] = idx[shard == i] - self._row_starts[i]
+        return out
+
+    def _take(self, i: int, key: str, local: torch.Tensor | None) -> torch.Tensor:
+        """Rows of shard i (all, or the sorted offsets ``local``), reading contiguous runs as
+        slices of the map (held-out documents are runs of rows); scattered rows by fancy index."""
+        sh = self._shard(i)
+        if local is None:
+            return sh.tensor(key)
+        if local.numel() == 0:
+            return torch.empty((0, int(sh.tensors[key]["shape"][1])), dtype=self.dtype)
+        cut = (torch.nonzero(local[1:] - local[:-1] != 1).flatten() + 1).tolist()
+        if len(cut) + 1 > max(4, local.numel() // 8):      # mostly scattered rows
+            return _to_torch(np.asarray(sh.array(key)[local.numpy()]), sh.st_dtype(key))
+        bounds = [0, *cut, local.numel()]
+        parts = [sh.tensor(key, int(local[a]), int(local[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def batches(self, hook: str, batch_size: int, shuffle: bool = True, seed: int = 0,
                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                drop_last: bool = False, buffer_rows: int | None = None) -> Iterator[torch.Tensor]:
+                drop_last: bool = False, buffer_rows: int | None = None,
+                rows=None) -> Iterator[torch.Tensor]:
         """Stream one hook as [batch_size, d] tensors; every row exactly once per pass (the last
-        batch is smaller unless drop_last).
+        batch is smaller unless drop_last). ``rows`` (row indices, e.g. from :meth:`split_rows`)
+        restricts the stream to those rows, each once (duplicates ignored); only their shards are
+        read, contiguous runs as slices.
 
         Shuffle scheme (bounded memory): the shard order is permuted with ``seed``; shards are then
         taken in that order into a window of at least ``buffer_rows`` rows (default: as many rows as
@@ -378,24 +440,38 @@ class ActivationStore:
         if batch_size < 1:
             raise WorkbenchError(f"batch_size must be >= 1, got {batch_size}")
         d = self._hooks[hook]
-        if not shuffle:
+        key = "acts." + hook
+        sel = None if rows is None else self._select(rows)
+        if not shuffle and sel is None:
             for s in range(0, self.n_rows, batch_size):
                 stop = min(s + batch_size, self.n_rows)
                 if drop_last and stop - s < batch_size:
                     return
                 yield self.read(hook, s, stop, device=device, dtype=dtype)
             return
+        if not shuffle:                   # selected rows in store order, shard by shard
+            carry = torch.empty((0, d), dtype=self.dtype)
+            for i in sorted(sel):
+                buf = torch.cat([carry, self._take(i, key, sel[i])])
+                full = (buf.shape[0] // batch_size) * batch_size
+                for s in range(0, full, batch_size):
+                    yield _move(buf[s:s + batch_size], device, dtype)
+                carry = buf[full:]
+            if carry.shape[0] and not drop_last:
+                yield _move(carry, device, dtype)
+            return
         if buffer_rows is None:
             buffer_rows = max(batch_size, DEFAULT_BUFFER_BYTES // (d * self.dtype.itemsize))
         g = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(len(self._shards_meta), generator=g).tolist()
-        key = "acts." + hook
+        if sel is not None:
+            order = [i for i in order if i in sel]
         carry = torch.empty((0, d), dtype=self.dtype)
         k = 0
         while k < len(order):
             window, n = [carry], carry.shape[0]
             while k < len(order) and (n < buffer_rows or len(window) == 1):
-                t = self._shard(order[k]).tensor(key)
+                t = self._take(order[k], key, None if sel is None else sel[order[k]])
                 window.append(t)
                 n += t.shape[0]
                 k += 1
@@ -471,10 +547,10 @@ class StoreWriter:
             if overwrite and is_store:
                 shutil.rmtree(path)
             elif overwrite:
-                raise FileExistsError(f"{path} exists and is not an activation store; refusing to "
+                raise OutputExists(f"{path} exists and is not an activation store; refusing to "
                                       "delete it even with --overwrite: choose another --out")
             elif (path / MANIFEST).exists():
-                raise FileExistsError(f"{path} already holds a complete activation store; pass "
+                raise OutputExists(f"{path} already holds a complete activation store; pass "
                                       "--overwrite to replace it or choose another --out")
             elif (path / PROGRESS).exists():
                 try:
@@ -482,11 +558,11 @@ class StoreWriter:
                 except ValueError:
                     prog = None
                 if prog is None or not resume:
-                    raise FileExistsError(f"{path} holds an unreadable or unresumable partial store; "
+                    raise OutputExists(f"{path} holds an unreadable or unresumable partial store; "
                                           "pass --overwrite to start over")
                 diff = _settings_diff(prog, header)
                 if diff:
-                    raise FileExistsError(
+                    raise OutputExists(
                         f"{path} holds a partial store collected with different settings ({diff}); "
                         "rerun with the original settings to resume, pass --overwrite to start "
                         "over, or choose another --out")
@@ -494,7 +570,7 @@ class StoreWriter:
                 w._recover(prog.get("shards", []))
                 return w
             else:
-                raise FileExistsError(f"{path} exists and is not an activation store; choose "
+                raise OutputExists(f"{path} exists and is not an activation store; choose "
                                       "another --out or pass --overwrite to replace it")
         (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         w = cls(path, header, [])
@@ -530,7 +606,7 @@ class StoreWriter:
 
     def write_shard(self, acts: dict[str, torch.Tensor], seq_index: torch.Tensor,
                     position: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    doc_ids: torch.Tensor) -> dict[str, Any]:
+                    doc_ids: torch.Tensor, char_end: torch.Tensor | None = None) -> dict[str, Any]:
         dt = DTYPES[self.header["dtype"]]
         seq_len = self.header["seq_len"]
         rows = int(seq_index.shape[0])
@@ -547,10 +623,12 @@ class StoreWriter:
         tensors["token_ids"] = token_ids.reshape(n_seq, seq_len).to(torch.int32)
         tensors["attention_mask"] = attention_mask.reshape(n_seq, seq_len).to(torch.bool)
         tensors["doc_ids"] = doc_ids.reshape(n_seq).to(torch.int64)
+        if char_end is not None:
+            tensors["char_end"] = torch.as_tensor(char_end).reshape(n_seq, seq_len).to(torch.int32)
         data = serialize_shard(tensors)
         del tensors
         rel = shard_name(len(self.shards))
-        _atomic_write_bytes(self.path / rel, data)
+        atomic_write_bytes(self.path / rel, data)
         entry = {"file": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "rows": rows, "row_start": self.n_rows, "n_seq": n_seq, "seq_start": self.n_seq}
         self.shards.append(entry)
@@ -563,7 +641,7 @@ class StoreWriter:
         files = {}
         if documents is not None:
             text = json.dumps(list(documents)).encode()
-            _atomic_write_bytes(self.path / DOCUMENTS, text)
+            atomic_write_bytes(self.path / DOCUMENTS, text)
             files[DOCUMENTS] = {"sha256": hashlib.sha256(text).hexdigest(), "bytes": len(text)}
         manifest = {
             **{k: v for k, v in self.header.items() if k != "settings"},
@@ -599,31 +677,18 @@ def _version() -> str:
         return "?"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_store(path: str | os.PathLike, acts: dict[str, torch.Tensor], token_ids: torch.Tensor,
                 attention_mask: torch.Tensor, doc_ids: torch.Tensor, seq_index: torch.Tensor,
                 position: torch.Tensor, model_name: str, extra: dict[str, Any] | None = None, *,
                 dtype: torch.dtype | str | None = None, shard_rows: int | None = None,
                 documents: list[str] | None = None, corpus: Any = None,
-                overwrite: bool = False) -> ActivationStore:
+                overwrite: bool = False, char_end: torch.Tensor | None = None) -> ActivationStore:
     """A complete, valid store in one call (tests, synthetic data, imports).
 
     acts: {hook: [n_rows, d]}; token_ids / attention_mask: [n_seq, seq_len]; doc_ids: [n_seq];
     seq_index / position: [n_rows] (row r is token token_ids[seq_index[r], position[r]], which
-    must not be padding). dtype: storage dtype (default: that of the first hook's tensor, float32
+    must not be padding). char_end: optional [n_seq, seq_len] character ends (see the module
+    docstring). dtype: storage dtype (default: that of the first hook's tensor, float32
     if it is not a float16/bfloat16/float32). shard_rows: rows per shard (default ~64 MiB).
     """
     if not acts:
@@ -673,5 +738,6 @@ def write_store(path: str | os.PathLike, acts: dict[str, torch.Tensor], token_id
         r0, r1 = i * shard_rows, min(n_rows, (i + 1) * shard_rows)
         q0, q1 = min(n_seq, i * seq_per), min(n_seq, (i + 1) * seq_per)
         w.write_shard({h: a[r0:r1] for h, a in acts.items()}, seq_index[r0:r1], position[r0:r1],
-                      token_ids[q0:q1], attention_mask[q0:q1], doc_ids[q0:q1])
+                      token_ids[q0:q1], attention_mask[q0:q1], doc_ids[q0:q1],
+                      None if char_end is None else torch.as_tensor(char_end)[q0:q1])
     return w.finalize(corpus=corpus, documents=documents, extra=extra)

@@ -6,6 +6,7 @@ Layout::
     WS/stores/NAME/     activation stores (workbench.store)
     WS/saes/NAME/       SAEs in SAELens 6.x format (analyses.sae)
     WS/results/NAME/    step results: result.json (typed, versioned) + tensors + plots
+    WS/exports/NAME/    SAEs exported for other tools (made on demand)
 
 The index is the one place the CLI (`workbench runs`), sweeps and the UI learn what
 exists and how it was made. SQLite in WAL mode so a UI can read while a step writes.
@@ -24,8 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import NotFound, UnknownName
+
 INDEX_NAME = "workbench.db"
 SUBDIRS = ("stores", "saes", "results")
+# What a step produces -> the folder its output goes to by default (the one rule; steps declare
+# `produces` when they register, see workbench.steps.register).
+OUTPUT_DIRS = {"store": "stores", "sae": "saes", "result": "results", "export": "exports"}
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -83,7 +89,7 @@ class Workspace:
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root).expanduser().resolve()
         if not create and not (self.root / INDEX_NAME).exists():
-            raise FileNotFoundError(
+            raise NotFound(
                 f"{self.root} is not a workspace (no {INDEX_NAME}); "
                 "run `workbench demo --workspace DIR` or pass a folder made by workbench"
             )
@@ -109,6 +115,14 @@ class Workspace:
     @property
     def results(self) -> Path:
         return self.root / "results"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    def output_dir(self, produces: str) -> Path:
+        """The folder a step that produces `produces` (store, sae, result, export) writes into."""
+        return self.root / OUTPUT_DIRS[produces]
 
     @classmethod
     def find(cls, path: str | os.PathLike) -> "Workspace | None":
@@ -194,9 +208,9 @@ class Workspace:
             db.row_factory = sqlite3.Row
             rows = db.execute("SELECT * FROM runs WHERE id LIKE ?", (run_id + "%",)).fetchall()
         if not rows:
-            raise KeyError(f"no run {run_id!r} in {self.root}; `workbench runs list` shows them")
+            raise UnknownName(f"no run {run_id!r} in {self.root}; `workbench runs list` shows them")
         if len(rows) > 1:
-            raise KeyError(f"run id prefix {run_id!r} is ambiguous ({len(rows)} runs); give more characters")
+            raise UnknownName(f"run id prefix {run_id!r} is ambiguous ({len(rows)} runs); give more characters")
         return self._row(rows[0])
 
     def delete_run(self, run_id: str) -> Run:

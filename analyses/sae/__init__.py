@@ -10,36 +10,31 @@ Public API::
     metrics = evaluate_sae(sae, acts)                          # L0, FVU, explained variance, density, ...
     export_sae(sae, "sparsify", "out/")                        # saelens | sparsify | neuronpedia
 
-Architectures (``ARCHS``): relu (L1), topk (+AuxK), batchtopk, jumprelu, matryoshka (BatchTopK).
+Architectures (``ARCHS``, filled by :func:`register_arch` in each architecture module — see registry.py):
+relu (L1), topk (+AuxK), batchtopk, jumprelu, matryoshka (BatchTopK).
 """
 
 from .base import (KNOWN_ARCHS, SAE, SAEConfig, SparseActs, TrainStepInput, TrainStepOutput, check_d_in,
                    sparse_decode)
+from .registry import ARCHS, arch_names, get_arch, register_arch, unregister_arch, uses_k
+# importing an architecture module registers it; this order is the order of ARCHS (and of the CLI choices)
+from .relu import ReLUSAE
+from .topk import TopKSAE
 from .batchtopk import BatchTopKSAE
 from .jumprelu import JumpReLUSAE
 from .matryoshka import MatryoshkaSAE
-from .relu import ReLUSAE
-from .topk import TopKSAE
-
-ARCHS: dict[str, type[SAE]] = {
-    "relu": ReLUSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "jumprelu": JumpReLUSAE,
-    "matryoshka": MatryoshkaSAE,
-}
 
 from .formats import (FORMATS, export_sae, load_saelens, load_sae, load_sparsify, save_saelens,  # noqa: E402
                       save_sparsify)
 from .metrics import SAEMetrics, density_histogram, evaluate_sae  # noqa: E402
-load = load_sae  # alias (workbench.steps.features looks for analyses.sae.load)
 from .train import SAETrainingError, default_lr, geometric_median, make_sae, train_sae  # noqa: E402
 
 __all__ = [
     "ARCHS", "KNOWN_ARCHS", "FORMATS", "SAE", "SAEConfig", "SparseActs", "TrainStepInput", "TrainStepOutput",
     "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE",
+    "register_arch", "unregister_arch", "arch_names", "get_arch", "uses_k",
     "train_sae", "make_sae", "default_lr", "geometric_median", "SAETrainingError",
     "evaluate_sae", "SAEMetrics", "density_histogram",
     "save_saelens", "load_saelens", "load_sae", "load_sparsify", "save_sparsify", "export_sae",
-    "check_d_in", "sparse_decode", "load",
+    "check_d_in", "sparse_decode",
 ]

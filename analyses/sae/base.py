@@ -19,17 +19,16 @@ Conventions (Gao et al. 2024, SAELens, EleutherAI sparsify):
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+from .._util import DTYPES  # the one dtype map (formats.py reads it from here)
+from .registry import ARCHS, get_arch
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,14 +79,9 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def training_options(self) -> dict[str, Any]:
-        """The architecture-specific options worth recording (those that matter for this arch)."""
-        keys = {"relu": ["l1_coef", "l1_warmup_frac"],
-                "topk": ["aux_k", "aux_coef", "dead_tokens"],
-                "batchtopk": ["aux_k", "aux_coef", "dead_tokens", "threshold_ema"],
-                "matryoshka": ["aux_k", "aux_coef", "dead_tokens", "threshold_ema", "matryoshka_widths"],
-                "jumprelu": ["l0_coef", "bandwidth", "init_threshold", "l0_warmup_frac",
-                             "threshold_lr_mult"]}.get(self.arch, [])
-        return {k: getattr(self, k) for k in keys}
+        """The architecture-specific options worth recording (the class's ``options``)."""
+        from .registry import get_arch
+        return {k: getattr(self, k) for k in get_arch(self.arch).options}
 
 
 # ----------------------------------------------------------------------------------- collectives
@@ -293,6 +287,9 @@ class SAE(nn.Module):
     arch: ClassVar[str] = "base"
     saelens_arch: ClassVar[str] = "standard"
     sparse_codes: ClassVar[bool] = False   # encode_sparse gives a fixed-k code (TopK)
+    uses_k: ClassVar[bool] = False         # needs k (active latents per token)
+    needs_calibration: ClassVar[bool] = False   # the trainer calls calibrate(batches) after training
+    options: ClassVar[tuple[str, ...]] = ()   # SAEConfig fields that matter for this arch
 
     def __init__(self, cfg: SAEConfig, *, init: bool = True):
         super().__init__()
@@ -354,6 +351,10 @@ class SAE(nn.Module):
             return self.decode_sparse(self.encode_sparse(x.reshape(-1, shape[-1]))).reshape(shape)
         return self.decode(self.encode(x))
 
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Architecture-specific checks of ``cfg`` (raise ValueError saying what would be right)."""
+
     # ----- training hooks
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:  # pragma: no cover
         raise NotImplementedError
@@ -376,6 +377,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def calibrate(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+        """Set inference-only parameters from (normalised) data after training (BatchTopK threshold);
+        returns what to record in the metadata."""
+        return {}
 
     def after_step(self, out: TrainStepOutput) -> None:
         """Called after each optimiser step (BatchTopK: threshold EMA lives in training_forward)."""
@@ -436,37 +442,26 @@ class SAE(nn.Module):
 
 # ----------------------------------------------------------------------------------- validation
 
-KNOWN_ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+KNOWN_ARCHS = ARCHS.keys()   # live view of the registry (kept for importers of the old name)
 
 
 def validate_config(cfg: SAEConfig) -> None:
-    if cfg.arch not in KNOWN_ARCHS:
-        raise ValueError(f"unknown SAE architecture {cfg.arch!r}; known: {', '.join(KNOWN_ARCHS)}")
+    cls = get_arch(cfg.arch)
     for name in ("d_in", "d_sae"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if cfg.arch in ("topk", "batchtopk", "matryoshka"):
+    if cls.uses_k:
         if cfg.k is None:
             raise ValueError(f"arch {cfg.arch!r} needs k (active latents per token), e.g. k=32")
         if int(cfg.k) != cfg.k or cfg.k < 1:
             raise ValueError(f"k must be a positive integer, got {cfg.k!r}")
         if cfg.k > cfg.d_sae:
             raise ValueError(f"k={cfg.k} is larger than d_sae={cfg.d_sae}; choose k <= d_sae")
-    if cfg.arch == "matryoshka" and cfg.matryoshka_widths is not None:
-        w = list(cfg.matryoshka_widths)
-        if not w or any(b <= a for a, b in zip(w, w[1:])) or w[0] < 1 or w[-1] > cfg.d_sae:
-            raise ValueError(f"matryoshka_widths must be strictly increasing in [1, d_sae={cfg.d_sae}], got {w}")
+    cls.check_config(cfg)
 
 
 def check_d_in(sae: SAE, x: torch.Tensor, what: str = "activations") -> None:
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(f"{what} have shape {tuple(x.shape)} (d={x.shape[-1]}) but the SAE expects "
                          f"d_in={sae.cfg.d_in} (W_enc {tuple(sae.W_enc.shape)})")
-
-
-def cfg_json(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "cfg.json").read_text())
-
-
-Registry = dict[str, Callable[..., SAE]]

@@ -1,19 +1,26 @@
 """BatchTopK SAE (Bussmann et al. 2024): keep the top B*k activations across the whole (global) batch;
-an EMA of the smallest kept activation becomes a global JumpReLU threshold used at inference. Saved in
-SAELens format as ``jumprelu`` with that threshold broadcast to every latent."""
+a global JumpReLU threshold is used at inference: tracked as an EMA of the smallest kept activation while
+training (as SAELens does), then calibrated on data with the final weights (``calibrate``, called by the
+trainer). Saved in SAELens format as ``jumprelu`` with that threshold broadcast to every latent."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from .base import SparseActs, TrainStepInput
+from .registry import register_arch
 from .topk import TopKSAE
 
 
+@register_arch
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     saelens_arch = "jumprelu"
     sparse_codes = False
+    options = ("aux_k", "aux_coef", "dead_tokens", "threshold_ema")
+    needs_calibration = True
 
     def __init__(self, cfg, *, init: bool = True):
         super().__init__(cfg, init=init)
@@ -57,6 +64,24 @@ class BatchTopKSAE(TopKSAE):
                 self.threshold.mul_(1 - r).add_(r * tau)
             else:
                 self.threshold.fill_(tau)
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+        """Global inference threshold as in Bussmann et al. 2024 (sec. 3, "the average of the minimum
+        positive activation values across a number of batches"): for each batch of B rows the (k*B)-th
+        largest ReLU'd pre-activation — the smallest activation BatchTopK keeps — averaged over batches,
+        with the final weights. Then JumpReLU(theta) fires ~k latents per token on average."""
+        taus = []
+        for x in batches:
+            flat = self.pre_acts(x).relu().flatten()
+            kk = min(int(self.cfg.k) * x.shape[0], flat.numel())
+            tau = flat.topk(kk, sorted=False).values.min()
+            if tau > 0:
+                taus.append(float(tau))
+        if taus:
+            self.threshold.fill_(sum(taus) / len(taus))
+        return {"threshold": float(self.threshold), "method": "mean over batches of the (k*B)-th largest "
+                "activation (Bussmann et al. 2024)"}
 
     @torch.no_grad()
     def fold_scale(self, s: float) -> None:

@@ -14,11 +14,11 @@ Native = SAELens 6.x folder, written so ``sae_lens.SAE.load_from_disk(path)`` gi
 
 cfg.json is written last (atomically), so a folder without it is never taken for a complete SAE.
 
-sparsify layout (export / import): ``<hook>/cfg.json`` {``num_latents``, ``k``, ``d_in``,
-``expansion_factor``, ``normalize_decoder``, ``multi_topk``, ``skip_connection``, ``transcode``} and
-``<hook>/sae.safetensors`` {``encoder.weight`` [n, d_in], ``encoder.bias`` [n], ``W_dec`` [n, d_in],
-``b_dec`` [d_in]}. sparsify encodes ``topk(relu(encoder(x - b_dec)))`` — our TopK exactly — so only TopK
-SAEs export there.
+sparsify layout (export / import, in ``sparsify.py``): ``<hookpoint>/cfg.json`` + ``<hookpoint>/sae.safetensors``,
+the folder named by the Hugging Face module path sparsify hooks (``layers.6`` for
+``blocks.6.hook_resid_post`` of a Llama-style model), the TransformerLens hook kept in cfg.json ``hook_name``.
+sparsify encodes ``topk(relu(encoder(x - b_dec)))`` — our TopK (``apply_b_dec_to_input=False`` is folded
+into the encoder bias) — so only TopK SAEs export there.
 
 Neuronpedia bundle (``export_sae(..., "neuronpedia")``): Neuronpedia ingests SAEs in SAELens format
 hosted as a Hugging Face model repo (``library_name: saelens``); its dashboard generator (SAEDashboard's
@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from .._util import atomic_write
 
 from .base import DTYPES, KNOWN_ARCHS, SAE, SAEConfig, dtype_name
+from .sparsify import hook_from_hookpoint, load_sparsify, save_sparsify, sparsify_hookpoint  # noqa: F401
 
 SAELENS_REQUIRED = ("architecture", "d_in", "d_sae", "dtype")
 SAELENS_READABLE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
@@ -129,6 +130,17 @@ def _check_shapes(tensors: dict[str, torch.Tensor], d_in: int, d_sae: int, path:
                              f"(d_in={d_in}, d_sae={d_sae}) needs {shape}")
 
 
+def _dtype_key(dtype: Any, path: Path) -> str:
+    """``"float32"``, ``"torch.float32"`` (what SAELens writes when its cfg got that string; its
+    ``constants.DTYPE_MAP`` reads both) or a torch.dtype -> our key in DTYPES."""
+    key = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype).strip()
+    key = key[len("torch."):] if key.startswith("torch.") else key
+    if key not in DTYPES:
+        raise ValueError(f"{path}: dtype {dtype!r} not supported; use one of "
+                         f"{', '.join(DTYPES)} (or the same with a 'torch.' prefix)")
+    return key
+
+
 def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
     """Load a SAELens folder (ours, or written by SAELens itself, e.g. Gemma Scope style jumprelu)."""
     path = Path(path)
@@ -143,7 +155,8 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
     if "hook_point" in raw and "hook_name" not in raw:   # pre-6 configs
         raw["hook_name"] = raw["hook_point"]
     if "architecture" not in raw and "d_in" in raw and "d_sae" in raw and "dtype" in raw:
-        raw["architecture"] = "topk" if raw.get("activation_fn") == "topk" or raw.get("activation_fn_str") == "topk" else "standard"
+        is_topk = "topk" in (raw.get("activation_fn"), raw.get("activation_fn_str"))
+        raw["architecture"] = "topk" if is_topk else "standard"
         if raw["architecture"] == "topk" and "k" not in raw:
             raw["k"] = (raw.get("activation_fn_kwargs") or {}).get("k")
     missing = [k for k in SAELENS_REQUIRED if k not in raw]
@@ -161,7 +174,7 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
         raise ValueError(f"{path}: unknown or unsupported SAE architecture {arch_sl!r}; known: "
                          f"{', '.join(SAELENS_READABLE)} (SAELens names) = {', '.join(KNOWN_ARCHS)} (workbench)")
     arch = SAELENS_READABLE[arch_sl]
-    if arch_sl == "jumprelu" and ours in ("batchtopk", "matryoshka"):
+    if ours in _registry() and _registry()[ours].saelens_arch == arch_sl:
         arch = ours
     norm = raw.get("normalize_activations", "none") or "none"
     if norm != "none":
@@ -171,15 +184,13 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
         raise ValueError(f"{path}: reshape_activations={raw['reshape_activations']!r} is not supported")
     k = raw.get("k", wb.get("k"))
     d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
-    want_dtype = dtype or raw["dtype"]
-    if want_dtype not in DTYPES:
-        raise ValueError(f"{path}: dtype {want_dtype!r} not supported; use one of {', '.join(DTYPES)}")
+    want_dtype = _dtype_key(dtype or raw["dtype"], path)
     opts = {kk: v for kk, v in wb.items() if kk in {f for f in SAEConfig.__dataclass_fields__}
             and kk not in ("arch", "d_in", "d_sae", "k", "dtype", "device", "metadata")}
     cfg = SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=int(k) if k is not None else None,
                     dtype=want_dtype, device=str(device),
                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=meta, **opts)
-    if arch in ("topk", "batchtopk", "matryoshka") and cfg.k is None:
+    if _registry()[arch].uses_k and cfg.k is None:
         raise ValueError(f"{cfg_file}: a {arch} SAE needs 'k' (top-level for topk, metadata.workbench.k)")
     weights = path / "sae_weights.safetensors"
     if not weights.exists():
@@ -204,7 +215,7 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
                 sae.set_thresholds(tensors["log_threshold"].float().exp())
             else:
                 raise ValueError(f"{path}: jumprelu SAE without 'threshold' tensor")
-        elif arch in ("batchtopk", "matryoshka"):
+        elif _registry()[arch].saelens_arch == "jumprelu":   # a global threshold (BatchTopK family)
             thr = tensors.get("threshold")
             if thr is None:
                 raise ValueError(f"{path}: {arch} SAE without 'threshold' tensor")
@@ -216,76 +227,6 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
         except Exception:  # noqa: BLE001
             sae.sparsity = None
     return sae.to(device)
-
-
-# ----------------------------------------------------------------------------------- sparsify
-
-def _find_sparsify(path: Path, hook: str | None) -> Path:
-    if (path / "sae.safetensors").exists():
-        return path
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "sae.safetensors").exists()) \
-        if path.is_dir() else []
-    if hook is not None:
-        if (path / hook / "sae.safetensors").exists():
-            return path / hook
-        raise FileNotFoundError(f"{path} has no sparsify SAE for hook {hook!r}; it has: "
-                                f"{', '.join(p.name for p in subs) or 'none'}")
-    if len(subs) == 1:
-        return subs[0]
-    if not subs:
-        raise FileNotFoundError(f"{path} is not a sparsify SAE folder (expected <hook>/cfg.json + "
-                                "<hook>/sae.safetensors)")
-    raise ValueError(f"{path} holds several sparsify SAEs ({', '.join(p.name for p in subs)}); pass hook=")
-
-
-def load_sparsify(path: str | Path, hook: str | None = None, device: str | torch.device = "cpu") -> SAE:
-    """Import a sparsify SAE (a ``<hook>/`` folder, or its parent with one or more hooks)."""
-    from .topk import TopKSAE
-    folder = _find_sparsify(Path(path), hook)
-    cfg_file = folder / "cfg.json"
-    raw = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-    t = load_file(folder / "sae.safetensors")
-    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        if name not in t:
-            raise ValueError(f"{folder}/sae.safetensors has no {name!r} (has {', '.join(sorted(t))})")
-    if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in t:
-        raise ValueError(f"{folder}: sparsify transcoders / skip connections are not supported")
-    n, d_in = t["encoder.weight"].shape
-    if "d_in" in raw and int(raw["d_in"]) != d_in:
-        raise ValueError(f"{folder}: cfg.json d_in={raw['d_in']} but encoder.weight has shape {(n, d_in)}")
-    if tuple(t["W_dec"].shape) != (n, d_in):
-        raise ValueError(f"{folder}: W_dec has shape {tuple(t['W_dec'].shape)}, expected {(n, d_in)} "
-                         "(sparsify stores W_dec as [num_latents, d_in])")
-    k = int(raw.get("k", 32))
-    if k > n:
-        raise ValueError(f"{folder}: k={k} is larger than num_latents={n}")
-    cfg = SAEConfig(arch="topk", d_in=int(d_in), d_sae=int(n), k=k, device=str(device),
-                    metadata={"hook_name": folder.name, "imported_from": "sparsify", "sparsify_cfg": raw})
-    sae = TopKSAE(cfg, init=False)
-    with torch.no_grad():
-        sae.W_enc.copy_(t["encoder.weight"].float().t())
-        sae.b_enc.copy_(t["encoder.bias"].float())
-        sae.W_dec.copy_(t["W_dec"].float())
-        sae.b_dec.copy_(t["b_dec"].float())
-    return sae.to(device)
-
-
-def save_sparsify(sae: SAE, out: str | Path, hook: str | None = None) -> Path:
-    """Write ``out/<hook>/cfg.json`` + ``sae.safetensors``. Only TopK SAEs (what sparsify computes)."""
-    if sae.arch != "topk":
-        raise ValueError(f"sparsify only runs TopK SAEs; this is a {sae.arch!r} SAE — export it as saelens")
-    hook = hook or sae.cfg.metadata.get("hook_name") or "sae"
-    folder = Path(out) / hook
-    folder.mkdir(parents=True, exist_ok=True)
-    c = sae.cfg
-    save_file({"encoder.weight": sae.W_enc.detach().float().t().contiguous().cpu(),
-               "encoder.bias": sae.b_enc.detach().float().contiguous().cpu(),
-               "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
-               "b_dec": sae.b_dec.detach().float().contiguous().cpu()}, folder / "sae.safetensors")
-    _atomic_json(folder / "cfg.json", {
-        "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True, "num_latents": c.d_sae,
-        "k": int(c.k), "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": c.d_in})
-    return folder
 
 
 # ----------------------------------------------------------------------------------- generic
@@ -357,8 +298,10 @@ Neuronpedia: upload this folder to a Hugging Face model repo, then submit it wit
 
 
 def export_sae(sae: SAE | str | Path, format: str, out: str | Path, *, overwrite: bool = False,
-               hook: str | None = None) -> Path:
-    """Export an SAE (object or folder) as ``saelens`` | ``sparsify`` | ``neuronpedia``."""
+               hook: str | None = None, model_type: str | None = None) -> Path:
+    """Export an SAE (object or folder) as ``saelens`` | ``sparsify`` | ``neuronpedia``. sparsify:
+    `model_type` (Hugging Face config ``model_type``; None = Llama-style) names the hookpoint folder,
+    `hook` overrides that name."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     if not isinstance(sae, SAE):
@@ -371,6 +314,6 @@ def export_sae(sae: SAE | str | Path, format: str, out: str | Path, *, overwrite
     if format == "saelens":
         return save_saelens(sae, out)
     if format == "sparsify":
-        save_sparsify(sae, out, hook=hook)
+        save_sparsify(sae, out, hook=hook, model_type=model_type)
         return out
     return export_neuronpedia(sae, out)

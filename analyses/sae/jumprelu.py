@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 from .base import SAE, JumpReLUFn, StepFn, TrainStepInput, TrainStepOutput
+from .registry import register_arch
 
 
+@register_arch
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
     saelens_arch = "jumprelu"
+    options = ("l0_coef", "bandwidth", "init_threshold", "l0_warmup_frac", "threshold_lr_mult")
 
     def __init__(self, cfg, *, init: bool = True):
         super().__init__(cfg, init=init)

@@ -8,6 +8,7 @@ import torch
 
 from .base import SparseActs, TrainStepInput, sparse_decode
 from .batchtopk import BatchTopKSAE
+from .registry import register_arch
 
 
 def default_widths(d_sae: int) -> list[int]:
@@ -15,8 +16,18 @@ def default_widths(d_sae: int) -> list[int]:
     return w
 
 
+@register_arch
 class MatryoshkaSAE(BatchTopKSAE):
     arch = "matryoshka"
+    options = ("aux_k", "aux_coef", "dead_tokens", "threshold_ema", "matryoshka_widths")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.matryoshka_widths is not None:
+            w = list(cfg.matryoshka_widths)
+            if not w or any(b <= a for a, b in zip(w, w[1:])) or w[0] < 1 or w[-1] > cfg.d_sae:
+                raise ValueError(f"matryoshka_widths must be strictly increasing in [1, d_sae={cfg.d_sae}], "
+                                 f"got {w}")
 
     def widths(self) -> list[int]:
         w = list(self.cfg.matryoshka_widths or default_widths(self.cfg.d_sae))

@@ -4,7 +4,11 @@ definitions, with the corrected mean-centred variance).
 * L0 = mean number of non-zero latents per token
 * MSE = E||x - x_hat||^2 / d_in (per element); ``mse_per_token`` = E||x - x_hat||^2
 * explained variance = 1 - E||x - x_hat||^2 / sum_d Var(x_d), Var around the per-dimension mean
-  (NOT around zero); FVU = 1 - explained variance
+  (NOT around zero); FVU = 1 - explained variance. This is SAELens' ``explained_variance`` since
+  the 2026 fix (decoderesearch/SAELens #665 / #710) and SAEBench's corrected one; SAELens between
+  #443 (2025) and that fix took the variance around zero, reported here, labelled, as
+  ``explained_variance_around_zero`` = 1 - E||x - x_hat||^2 / E||x||^2 (higher on residual
+  streams with a large mean).
 * cosine = mean over tokens of cos(x, x_hat); shrinkage = E||x_hat||^2 / E[x . x_hat]
 * dead fraction = latents that never fired; dense fractions = latents firing on > 1% / > 10% of tokens
 * ``log10_density`` [d_sae] = log10(firing rate + 1e-10) (the SAELens ``sparsity`` tensor); histogram.
@@ -18,6 +22,11 @@ from typing import Any, Iterable
 import torch
 
 from .._util import as_tensor, iter_batches
+
+
+EV_CONVENTION = ("around the per-dimension mean: 1 - E||x - x_hat||^2 / sum_d Var(x_d) (SAELens >= 2026 "
+                 "/ SAEBench corrected); explained_variance_around_zero: 1 - E||x - x_hat||^2 / E||x||^2 "
+                 "(SAELens 2025 - early 2026)")
 
 
 class SAEMetrics:
@@ -67,6 +76,14 @@ class SAEMetrics:
         n = max(self.n, 1)
         return float((self.sum_x2 - self.sum_x.pow(2) / n).sum() / n)
 
+    def mean_sq_norm(self) -> float:
+        """E||x||^2 (from the shifted sums: x = xs + shift)."""
+        if self.shift is None:
+            return 0.0
+        n = max(self.n, 1)
+        sh = self.shift
+        return float((self.sum_x2 + 2 * sh * self.sum_x + self.n * sh.pow(2)).sum() / n)
+
     def density(self) -> torch.Tensor:
         return self.counts / max(self.n, 1)
 
@@ -79,6 +96,7 @@ class SAEMetrics:
         tv = self.total_variance()
         ev = 1.0 - mse_tok / tv if tv > 0 else float("nan")
         dens = self.density()
+        msn = self.mean_sq_norm()
         return {
             "n_tokens": int(self.n),
             "l0": self.l0 / n,
@@ -86,6 +104,7 @@ class SAEMetrics:
             "mse_per_token": mse_tok,
             "explained_variance": ev,
             "fvu": 1.0 - ev if not math.isnan(ev) else float("nan"),
+            "explained_variance_around_zero": 1.0 - mse_tok / msn if msn > 0 else float("nan"),
             "cosine": self.sum_cos / n,
             "shrinkage": self.sum_xhat2 / self.sum_dot if self.sum_dot != 0 else float("nan"),
             "dead_fraction": float((self.counts == 0).double().mean()),

@@ -6,11 +6,14 @@ from __future__ import annotations
 import torch
 
 from .base import SAE, TrainStepInput, TrainStepOutput
+from .registry import register_arch
 
 
+@register_arch
 class ReLUSAE(SAE):
     arch = "relu"
     saelens_arch = "standard"
+    options = ("l1_coef", "l1_warmup_frac")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_acts(x).relu()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import torch
 
 from .base import SAE, SparseActs, TrainStepInput, TrainStepOutput, _GatherPreActs, sparse_decode
+from .registry import register_arch
 
 
+@register_arch
 class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
     sparse_codes = True
+    uses_k = True
+    options = ("aux_k", "aux_coef", "dead_tokens")
 
     def encode_sparse(self, x: torch.Tensor) -> SparseActs:
         pre = self.pre_acts(x.reshape(-1, self.cfg.d_in))

@@ -1,6 +1,7 @@
 """SAE trainer: Adam with warm-up/decay, input normalisation folded into the weights on return, decoder
 rows kept unit-norm, AuxK dead-latent tracking, tqdm progress, atomic checkpoints with exact resume,
-NaN guard, bf16 autocast on GPU, and data parallelism across processes (torchrun / torch.distributed).
+NaN / explosion guard, bf16 autocast on GPU, and data parallelism across processes (torchrun /
+torch.distributed).
 
 ``source`` may be
 
@@ -12,6 +13,25 @@ NaN guard, bf16 autocast on GPU, and data parallelism across processes (torchrun
 * a zero-argument callable ``source() -> Iterable`` (called once per epoch), or a list of batches.
 
 ``n_tokens`` defaults to one pass over the data (for a callable, epoch 0 is counted first).
+
+What the returned SAE carries besides its weights:
+
+* ``sae.sparsity`` [d_sae]: log10(firing rate + 1e-10) over the last ``density_tokens`` training tokens
+  (the last DENSITY_FRAC of the run, or the lr-decay phase if longer), and in ``cfg.metadata["workbench"]``:
+  ``density_tokens`` (tokens that density was counted on), ``dead_fraction`` (latents that never fired
+  in those tokens), ``aux_dead_fraction`` / ``aux_dead_tokens`` (AuxK's notion: no firing for
+  ``dead_tokens`` tokens), ``fvu`` / ``l0`` (last logged batch), ``lr``, ``steps``, ...
+* BatchTopK / Matryoshka: the inference threshold is calibrated after training as the BatchTopK paper
+  does (Bussmann et al. 2024, sec. 3: theta = E_X[min of the kept activations of batch X]): with the final
+  weights, the (k * B)-th largest activation of each of several batches of B rows, averaged — held-out
+  rows (``calibration=``) when given, else the last training batches (up to ``calibration_tokens``).
+  The training-time running average (SAELens' ``topk_threshold``) lags the weights on short runs and makes
+  the exported SAE fire far less than k. Recorded as ``threshold_calibration`` {data, tokens, batches,
+  threshold} in the metadata.
+
+Guards: ``lr`` must be finite and > 0. A batch whose loss is NaN/inf, or whose FVU exceeds EXPLODE_FVU
+after warm-up or EXPLODE_FACTOR x the median of the last FVU_WINDOW batch FVUs at any time, stops the run
+with :class:`SAETrainingError` before its update is applied; the last checkpoint written stays.
 
 Data parallel: under ``torchrun --nproc_per_node N`` (or with a process group already initialised) every
 rank reads the same global batch and trains on its contiguous slice; each rank's loss is its share of the
@@ -27,138 +47,31 @@ and finishes with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .._util import as_tensor, atomic_write, check_finite_rows, resolve_device
+from .._util import atomic_write, check_finite_rows, resolve_device
+from ._source import SAETrainingError, _as_batch, _Source, _Stream
 from .base import SINGLE, Collective, DistCollective, SAE, SAEConfig, TrainStepInput, validate_config
+from .registry import get_arch
+
+__all__ = ["train_sae", "make_sae", "default_lr", "geometric_median", "SAETrainingError", "RunSettings"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class SAETrainingError(RuntimeError):
-    """Training cannot go on (NaN/inf loss, bad data, mismatched checkpoint)."""
-
-
-# ------------------------------------------------------------------------------------- data
-
-class _Source:
-    """Uniform view of the accepted sources: ``epoch(e)`` -> iterable of 2-D tensors."""
-
-    def __init__(self, source: Any, batch_size: int, seed: int):
-        self.rows_per_epoch: int | None = None
-        self.seed = seed
-        self.chunk = batch_size
-        if isinstance(source, (torch.Tensor, np.ndarray)):
-            X = as_tensor(source, name="activations")
-            if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                X = X.float()
-            self.X = X
-            self.rows_per_epoch = X.shape[0]
-            self.fn = self._tensor_epoch
-        elif isinstance(source, (list, tuple)):
-            batches = list(source)
-            self.fn = lambda e: batches
-        elif callable(source):
-            try:
-                sig = inspect.signature(source)
-                takes = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-                            for p in sig.parameters.values())
-            except (TypeError, ValueError):
-                takes = True
-            self.fn = (lambda e: source(e)) if takes else (lambda e: source())
-        else:
-            raise TypeError("source must be a tensor/array [n, d], a callable epoch -> iterable of [b, d] "
-                            f"batches, or a list of batches; got {type(source).__name__} (a one-shot "
-                            "iterator cannot be re-read for later epochs or resume: wrap it in a callable)")
-
-    def _tensor_epoch(self, e: int) -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-        perm = torch.randperm(self.X.shape[0], generator=g)
-        for i in range(0, len(perm), self.chunk):
-            yield self.X[perm[i:i + self.chunk]]
-
-    def epoch(self, e: int) -> Iterable:
-        return self.fn(e)
-
-    def count_rows(self) -> int:
-        if self.rows_per_epoch is None:
-            self.rows_per_epoch = sum(int(_as_batch(b).shape[0]) for b in self.epoch(0))
-        return self.rows_per_epoch
-
-
-def _as_batch(b: Any) -> torch.Tensor:
-    if isinstance(b, torch.Tensor) and b.ndim == 2:
-        return b
-    return as_tensor(b, name="batch", check_finite=False)
-
-
-class _Stream:
-    """Global batches of exactly ``batch_size`` rows; position = (epoch, rows of that epoch consumed)."""
-
-    def __init__(self, src: _Source, batch_size: int, epoch: int = 0, offset: int = 0):
-        self.src, self.B = src, batch_size
-        self.epoch, self.offset = epoch, offset
-        self._it: Iterator | None = None
-        self._pending: torch.Tensor | None = None
-        self.rows_seen = 0
-
-    def _open(self) -> None:
-        it = iter(self.src.epoch(self.epoch))
-        skip = self.offset
-        self._pending = None
-        while skip > 0:
-            try:
-                b = _as_batch(next(it))
-            except StopIteration:
-                raise SAETrainingError(f"cannot resume: epoch {self.epoch} of the source has fewer than "
-                                       f"{self.offset} rows now; the data changed since the checkpoint") from None
-            if b.shape[0] <= skip:
-                skip -= b.shape[0]
-            else:
-                self._pending = b[skip:]
-                skip = 0
-        self._it = it
-
-    def state(self) -> tuple[int, int]:
-        return self.epoch, self.offset
-
-    def next(self) -> torch.Tensor:
-        parts, need, empty_epochs = [], self.B, 0
-        while need > 0:
-            if self._it is None:
-                self._open()
-            if self._pending is not None:
-                b, self._pending = self._pending, None
-            else:
-                try:
-                    b = _as_batch(next(self._it))
-                except StopIteration:
-                    empty_epochs = empty_epochs + 1 if self.offset == 0 else 0
-                    if empty_epochs >= 2:
-                        raise SAETrainingError("the source yielded no rows") from None
-                    self.epoch += 1
-                    self.offset = 0
-                    self._it = None
-                    continue
-            if b.shape[0] == 0:
-                continue
-            if b.shape[0] > need:
-                self._pending = b[need:]
-                b = b[:need]
-            parts.append(b)
-            need -= b.shape[0]
-            self.offset += b.shape[0]
-        self.rows_seen += self.B
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+LR_REF, LR_REF_LATENTS, LR_CAP = 2e-4, 2 ** 14, 2e-2   # see default_lr
+EXPLODE_FVU = 100.0        # batch FVU above this after warm-up: diverged (see _Trainer._guard)
+EXPLODE_FACTOR = 1e3       # ... or above this multiple of the recent median batch FVU
+FVU_WINDOW = 50            # batch FVUs kept for that median
+DENSITY_FRAC = 0.2         # firing counts (sae.sparsity) cover at least the last 20% of the run
+CALIBRATION_TOKENS = 2 ** 16   # rows for the BatchTopK inference threshold
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -179,7 +92,14 @@ def geometric_median(x: torch.Tensor, iters: int = 30, eps: float = 1e-8) -> tor
 
 
 def default_lr(d_sae: int) -> float:
-    return 2e-4 / math.sqrt(d_sae / 2 ** 14)
+    """Adam lr for ``d_sae`` latents. From 2^14 latents up: 2e-4 / sqrt(d_sae / 2^14), the sparsify / OpenAI
+    rule (Gao et al. 2024, fitted on 16k+ latents). Below 2^14 that rule is far too small for the short runs
+    small SAEs get (measured with benchmarks/bench_sae_recovery.py: d_sae 128-512 on synthetic
+    superposition data, ~120 steps, needs lr 1e-2..4e-2; the sqrt rule gives 1.1e-3..2.3e-3 and MMCS
+    0.58-0.73), so there the rule steepens to 2e-4 * (2^14 / d_sae)^1.5, capped at 2e-2. Both pieces give
+    2e-4 at 2^14 latents."""
+    r = LR_REF_LATENTS / max(1, int(d_sae))
+    return LR_REF * math.sqrt(r) if r <= 1 else min(LR_CAP, LR_REF * r ** 1.5)
 
 
 def _setup_dist(device: torch.device) -> tuple[Collective, bool]:
@@ -202,15 +122,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def make_sae(arch: str, d_in: int, d_sae: int, k: int | None = None, **cfg: Any) -> SAE:
-    """A freshly initialised SAE of the given architecture (see ``analyses.sae.ARCHS``)."""
-    from . import ARCHS
+    """A freshly initialised SAE of a registered architecture (``analyses.sae.ARCHS``)."""
+    cls = get_arch(arch)
     valid = set(SAEConfig.__dataclass_fields__) - {"arch", "d_in", "d_sae", "k"}
     bad = sorted(set(cfg) - valid)
     if bad:
         raise TypeError(f"unknown SAE option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
     c = SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k, **cfg)
     validate_config(c)
-    return ARCHS[arch](c)
+    return cls(c)
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -227,208 +147,374 @@ def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int 
               warmup_steps: int | None = None, decay_frac: float = 0.2, b_dec_init: str = "median",
               normalize: bool = True, autocast: bool | None = None, metadata: dict | None = None,
               callback: Callable[[int, dict], None] | None = None, log_every: int = 10,
+              calibration: Any = None, calibration_tokens: int = CALIBRATION_TOKENS,
               **arch_cfg: Any) -> SAE:
     """Train an SAE and return it acting on raw (unnormalised) activations.
 
-    arch: relu | topk | batchtopk | jumprelu | matryoshka. d_sae defaults to 8 * d_in; k is needed by the
-    TopK family. lr defaults to 2e-4 / sqrt(d_sae / 2^14). Linear warm-up over ``warmup_steps`` (default
-    5% of steps, at most 1000) and linear decay to 0 over the last ``decay_frac`` of steps.
-    ``checkpoint_every`` (steps; default ~10 checkpoints per run) applies when ``checkpoint_dir`` is set.
-    ``callback(step, info)`` is called after every step (info: loss, fvu, l0, dead_fraction, tokens).
-    Extra keyword arguments are architecture options of :class:`SAEConfig` (aux_k, aux_coef, dead_tokens,
-    l1_coef, l0_coef, bandwidth, init_threshold, threshold_ema, matryoshka_widths, ...).
+    arch: any registered architecture (``analyses.sae.ARCHS``: relu | topk | batchtopk | jumprelu |
+    matryoshka). d_sae defaults to 8 * d_in; k is needed by the TopK family. lr must be > 0; it defaults to
+    :func:`default_lr`. Linear warm-up over ``warmup_steps`` (default 5% of steps, at most 1000) and linear
+    decay to 0 over the last ``decay_frac`` of steps. ``checkpoint_every`` (steps; default ~10 checkpoints
+    per run) applies when ``checkpoint_dir`` is set. ``callback(step, info)`` is called after every step
+    (info: loss, fvu, l0, dead_fraction, tokens). ``calibration``: held-out rows (same forms as ``source``)
+    for the BatchTopK/Matryoshka inference threshold, at most ``calibration_tokens`` of them; without it
+    the last training batches are used. Extra keyword arguments are architecture options of
+    :class:`SAEConfig` (aux_k, aux_coef, dead_tokens, l1_coef, l0_coef, bandwidth, init_threshold,
+    threshold_ema, matryoshka_widths, ...).
     """
-    from . import ARCHS
-    from .base import KNOWN_ARCHS
-    if arch not in ARCHS:
-        raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(KNOWN_ARCHS)}")
+    get_arch(arch)   # ValueError naming the known architectures
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r} (or None for the default "
+                         f"{default_lr(d_sae):.3g} at d_sae={d_sae})" if d_sae else
+                         f"lr must be a finite number > 0, got {lr!r} (or None for the default rule)")
+    if calibration_tokens < 1:
+        raise ValueError(f"calibration_tokens must be >= 1, got {calibration_tokens}")
     dev = resolve_device(device)
     coll, own_pg = _setup_dist(dev)
     if coll.world_size > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", coll.rank % torch.cuda.device_count())))
         torch.cuda.set_device(dev)
     try:
-        return _train(source, arch, d_sae, k, n_tokens, batch_size, lr, seed, dev, checkpoint_dir,
-                      checkpoint_every, progress, warmup_steps, decay_frac, b_dec_init, normalize, autocast,
-                      metadata, callback, log_every, arch_cfg, coll)
+        src = _Source(source, batch_size, seed)
+        first = _Stream(src, batch_size).next()
+        run = RunSettings.build(arch=arch, d_in=int(first.shape[1]), d_sae=d_sae, k=k, n_tokens=n_tokens,
+                                src=src, batch_size=batch_size, lr=lr, seed=seed, dev=dev,
+                                checkpoint_every=checkpoint_every, warmup_steps=warmup_steps,
+                                decay_frac=decay_frac, b_dec_init=b_dec_init, normalize=normalize,
+                                autocast=autocast, calibration_tokens=calibration_tokens)
+        torch.manual_seed(seed)
+        sae = make_sae(arch, run.d_in, run.d_sae, k, device="cpu", metadata=dict(metadata or {}), **arch_cfg)
+        # derived, not `seed` itself: data made with torch.randn under the same small seed (synthetic
+        # ground truth in tests and benchmarks) would otherwise BE the initial decoder
+        sae.reset_parameters(torch.Generator().manual_seed(init_seed(seed)))
+        if "dead_tokens" in type(sae).options and sae.cfg.dead_tokens is None:
+            sae.cfg.dead_tokens = int(min(10_000_000, max(run.total * batch_size // 10, 4 * batch_size)))
+        trainer = _Trainer(sae, run, src, coll, dev, checkpoint_dir, progress, callback, log_every)
+        trainer.start(first)
+        del first
+        trainer.loop()
+        return trainer.finish(calibration)
     finally:
         if own_pg:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(source, arch, d_sae, k, n_tokens, batch_size, lr, seed, dev, checkpoint_dir, checkpoint_every,
-           progress, warmup_steps, decay_frac, b_dec_init, normalize, autocast, metadata, callback,
-           log_every, arch_cfg, coll: Collective) -> SAE:
-    src = _Source(source, batch_size, seed)
-    first = _Stream(src, batch_size).next()
-    d_in = int(first.shape[1])
-    if d_sae is None:
-        d_sae = 8 * d_in
-    if n_tokens is None:
-        n_tokens = src.count_rows()
-    total = max(1, int(n_tokens) // batch_size)
-    torch.manual_seed(seed)
-    sae = make_sae(arch, d_in, int(d_sae), k, device="cpu", metadata=dict(metadata or {}), **arch_cfg)
-    # derived, not `seed` itself: data made with torch.randn under the same small seed (synthetic
-    # ground truth in tests and benchmarks) would otherwise BE the initial decoder
-    sae.reset_parameters(torch.Generator().manual_seed(init_seed(seed)))
-    cfg = sae.cfg
-    if cfg.arch in ("topk", "batchtopk", "matryoshka") and cfg.dead_tokens is None:
-        cfg.dead_tokens = int(min(10_000_000, max(total * batch_size // 10, 4 * batch_size)))
-    lr = float(lr) if lr is not None else default_lr(cfg.d_sae)
-    warm = warmup_steps if warmup_steps is not None else min(1000, max(1, total // 20))
-    decay_start = int(total * (1 - decay_frac)) if decay_frac > 0 else total
-    every = checkpoint_every or max(1, total // 10)
-    use_autocast = (dev.type == "cuda") if autocast is None else bool(autocast and dev.type == "cuda")
-    fingerprint = {"arch": arch, "d_in": d_in, "d_sae": cfg.d_sae, "k": cfg.k, "n_tokens": int(n_tokens),
-                   "batch_size": batch_size, "lr": lr, "seed": seed, "warmup": warm, "decay_frac": decay_frac,
-                   "b_dec_init": b_dec_init, "normalize": normalize,
-                   "options": {kk: v for kk, v in cfg.training_options().items()}}
+@dataclass
+class RunSettings:
+    """Everything that fixes a run (and, through :meth:`fingerprint`, whether a checkpoint may resume it)."""
 
-    # ---- fresh init (b_dec from the data, input scale) or resume
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    state = None
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            diff = sorted(kk for kk in set(fingerprint) | set(state.get("fingerprint", {}))
-                          if fingerprint.get(kk) != state.get("fingerprint", {}).get(kk))
-            raise SAETrainingError(f"{ckpt_path} was written by a run with different settings "
-                                   f"({', '.join(diff)}); remove it or use another checkpoint_dir")
-    sae.to(dev)
-    if state is None:
+    arch: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    n_tokens: int
+    batch_size: int
+    lr: float
+    seed: int
+    total: int               # optimiser steps
+    warmup: int
+    decay_frac: float
+    decay_start: int         # first step of the linear decay (== total: no decay)
+    density_start: int       # firing counts are kept from this step on (sae.sparsity)
+    every: int               # checkpoint interval (steps)
+    b_dec_init: str
+    normalize: bool
+    autocast: bool
+    calibration_tokens: int
+
+    @classmethod
+    def build(cls, *, arch, d_in, d_sae, k, n_tokens, src, batch_size, lr, seed, dev, checkpoint_every,
+              warmup_steps, decay_frac, b_dec_init, normalize, autocast, calibration_tokens) -> "RunSettings":
+        if b_dec_init not in ("median", "mean", "zeros"):
+            raise ValueError(f"b_dec_init must be median, mean or zeros, got {b_dec_init!r}")
+        d_sae = int(d_sae) if d_sae is not None else 8 * d_in
+        n_tokens = int(n_tokens) if n_tokens is not None else src.count_rows()
+        total = max(1, n_tokens // batch_size)
+        decay_start = int(total * (1 - decay_frac)) if decay_frac > 0 else total
+        return cls(arch=arch, d_in=d_in, d_sae=d_sae, k=k, n_tokens=n_tokens, batch_size=batch_size,
+                   lr=float(lr) if lr is not None else default_lr(d_sae), seed=seed, total=total,
+                   warmup=warmup_steps if warmup_steps is not None else min(1000, max(1, total // 20)),
+                   decay_frac=decay_frac, decay_start=decay_start,
+                   density_start=min(decay_start, int(total * (1 - DENSITY_FRAC))),
+                   every=checkpoint_every or max(1, total // 10), b_dec_init=b_dec_init, normalize=normalize,
+                   autocast=(dev.type == "cuda") if autocast is None else bool(autocast and dev.type == "cuda"),
+                   calibration_tokens=int(calibration_tokens))
+
+    def fingerprint(self, cfg: SAEConfig) -> dict[str, Any]:
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "n_tokens": self.n_tokens,
+                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "warmup": self.warmup,
+                "decay_frac": self.decay_frac, "b_dec_init": self.b_dec_init, "normalize": self.normalize,
+                "options": dict(cfg.training_options())}
+
+    def lr_at(self, step: int) -> float:
+        frac = 1.0 if step < self.decay_start else max(0.0, (self.total - step) / max(1, self.total - self.decay_start))
+        return self.lr * min(1.0, (step + 1) / max(1, self.warmup)) * frac
+
+    def calibration_batches(self) -> int:
+        return max(1, min(self.total, -(-self.calibration_tokens // self.batch_size)))
+
+
+@dataclass
+class _State:
+    """What changes while training (and is checkpointed besides weights and optimiser)."""
+
+    step: int = 0
+    pos: tuple[int, int] = (0, 0)
+    scale: float = 1.0
+    since_fired: torch.Tensor | None = None     # tokens since each latent last fired (AuxK dead mask)
+    counts: torch.Tensor | None = None          # firing counts since run.density_start
+    count_tokens: int = 0
+    cal_pos: tuple[int, int] | None = None      # stream position of the first calibration batch
+    fvus: list[float] = field(default_factory=list)   # recent batch FVUs (explosion guard)
+
+
+class _Trainer:
+    def __init__(self, sae: SAE, run: RunSettings, src: "_Source", coll: Collective, dev: torch.device,
+                 checkpoint_dir, progress: bool, callback, log_every: int):
+        self.sae, self.run, self.src, self.coll = sae, run, src, coll
+        self.dev = dev
+        self.ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+        self.fingerprint = run.fingerprint(sae.cfg)
+        self.progress, self.callback, self.log_every = progress, callback, log_every
+        self.st = _State()
+        self.last = {"fvu": float("nan"), "l0": float("nan"), "dead_fraction": float("nan"),
+                     "loss": float("nan")}
+
+    # ----- setup: fresh init or resume
+    def start(self, first: torch.Tensor) -> None:
+        sae, run = self.sae, self.run
+        state = self._read_checkpoint()
+        dev = self.dev
+        sae.to(dev)
+        groups = sae.param_groups(run.lr)
+        self.opt = torch.optim.Adam([{"params": g["params"], "lr": run.lr * g["lr_mult"]} for g in groups],
+                                    betas=(0.9, 0.999), eps=1e-8)
+        self.mults = [g["lr_mult"] for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        if state is None:
+            self._fresh_init(first)
+        else:
+            self._restore(state)
+        self.stream = _Stream(self.src, run.batch_size, *self.st.pos)
+
+    def _fresh_init(self, first: torch.Tensor) -> None:
+        sae, run, dev = self.sae, self.run, self.dev
         x0 = first.to(dev, torch.float32)
         check_finite_rows(x0, "activations (first batch)")
-        scale = math.sqrt(d_in / float(x0.pow(2).sum(1).mean().clamp_min(1e-30))) if normalize else 1.0
+        scale = math.sqrt(run.d_in / float(x0.pow(2).sum(1).mean().clamp_min(1e-30))) if run.normalize else 1.0
         with torch.no_grad():
             xs = x0 * scale
-            if b_dec_init == "median":
+            if run.b_dec_init == "median":
                 sae.b_dec.copy_(geometric_median(xs).to(sae.dtype))
-            elif b_dec_init == "mean":
+            elif run.b_dec_init == "mean":
                 sae.b_dec.copy_(xs.mean(0))
-            elif b_dec_init != "zeros":
-                raise ValueError(f"b_dec_init must be median, mean or zeros, got {b_dec_init!r}")
-        step, pos = 0, (0, 0)
-        since_fired = torch.zeros(cfg.d_sae, dtype=torch.float64, device=dev)
-        counts = torch.zeros(cfg.d_sae, dtype=torch.float64, device=dev)
-        count_tokens = 0
-    del first
-    groups = sae.param_groups(lr)
-    opt = torch.optim.Adam([{"params": g["params"], "lr": lr * g["lr_mult"]} for g in groups],
-                           betas=(0.9, 0.999), eps=1e-8)
-    mults = [g["lr_mult"] for g in groups]
-    if state is not None:
-        sae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        step, pos, scale = int(state["step"]), tuple(state["pos"]), float(state["scale"])
-        since_fired = state["since_fired"].to(dev)
-        counts = state["counts"].to(dev)
-        count_tokens = int(state["count_tokens"])
+        d = sae.cfg.d_sae
+        self.st = _State(scale=scale, since_fired=torch.zeros(d, dtype=torch.float64, device=dev),
+                         counts=torch.zeros(d, dtype=torch.float64, device=dev))
+
+    # ----- checkpoint IO
+    def _read_checkpoint(self) -> dict | None:
+        if self.ckpt is None or not self.ckpt.exists():
+            return None
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        old = state.get("fingerprint", {})
+        if old != self.fingerprint:
+            diff = sorted(kk for kk in set(self.fingerprint) | set(old) if self.fingerprint.get(kk) != old.get(kk))
+            raise SAETrainingError(f"{self.ckpt} was written by a run with different settings "
+                                   f"({', '.join(diff)}); remove it or use another checkpoint_dir")
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        cal = state.get("cal_pos")
+        self.st = _State(step=int(state["step"]), pos=tuple(state["pos"]), scale=float(state["scale"]),
+                         since_fired=state["since_fired"].to(self.dev), counts=state["counts"].to(self.dev),
+                         count_tokens=int(state["count_tokens"]), cal_pos=tuple(cal) if cal is not None else None,
+                         fvus=list(state.get("fvus", [])))
         torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], dev)
-    stream = _Stream(src, batch_size, *pos)
-    params = [p for g in groups for p in g["params"]]
+        if self.dev.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.dev)
 
-    def save_ckpt(at_step: int) -> None:
-        if ckpt_path is None or coll.rank != 0:
+    def _write_checkpoint(self) -> None:
+        if self.ckpt is None or self.coll.rank != 0:
             return
-        _atomic_save({"fingerprint": fingerprint, "step": at_step, "pos": list(stream.state()),
-                      "scale": scale, "model": sae.state_dict(), "optim": opt.state_dict(),
-                      "since_fired": since_fired.cpu(), "counts": counts.cpu(), "count_tokens": count_tokens,
+        st = self.st
+        _atomic_save({"fingerprint": self.fingerprint, "step": st.step, "pos": list(self.stream.state()),
+                      "scale": st.scale, "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
+                      "since_fired": st.since_fired.cpu(), "counts": st.counts.cpu(),
+                      "count_tokens": st.count_tokens,
+                      "cal_pos": list(st.cal_pos) if st.cal_pos is not None else None, "fvus": list(st.fvus),
                       "rng_cpu": torch.get_rng_state(),
-                      "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                      "time": time.time()}, ckpt_path)
+                      "rng_cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
+                      "time": time.time()}, self.ckpt)
 
-    bar = None
-    if progress and coll.rank == 0 and step < total:
+    # ----- the loop
+    def loop(self) -> None:
+        run, st = self.run, self.st
+        self.bar = _progress_bar(self) if self.progress and self.coll.rank == 0 and st.step < run.total else None
+        self.t_start = time.time()
+        self.sae.train()
+        cal_start = run.total - run.calibration_batches()
         try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total * batch_size, initial=step * batch_size, unit="tok", unit_scale=True,
-                       desc=f"train {arch} SAE", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            bar = None
-    last = {"fvu": float("nan"), "l0": float("nan"), "dead_fraction": float("nan"), "loss": float("nan")}
-    t_start = time.time()
-    sae.train()
-    while step < total:
-        xb = stream.next()
+            while st.step < run.total:
+                if st.step == cal_start:
+                    st.cal_pos = self.stream.state()
+                self._one_step()
+                if self.bar is not None:
+                    self.bar.update(run.batch_size)
+                if self.ckpt is not None and (st.step % run.every == 0 or st.step == run.total):
+                    self._write_checkpoint()
+                if self.callback is not None:
+                    self.callback(st.step, dict(self.last))
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        self.sae.eval()
+
+    def _one_step(self) -> None:
+        sae, run, st, coll = self.sae, self.run, self.st, self.coll
+        step, B = st.step, run.batch_size
+        xb = self.stream.next()
         if not torch.isfinite(xb).all():
             check_finite_rows(xb, f"activations (batch at step {step})")
-        x = xb.to(dev, torch.float32, non_blocking=True) * scale
+        x = xb.to(self.dev, torch.float32, non_blocking=True) * st.scale
         local = torch.tensor_split(x, coll.world_size)[coll.rank] if coll.world_size > 1 else x
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        frac = 1.0 if step < decay_start else max(0.0, (total - step) / max(1, total - decay_start))
-        lr_now = lr * min(1.0, (step + 1) / max(1, warm)) * frac
-        for g, m in zip(opt.param_groups, mults):
+        lr_now = run.lr_at(step)
+        for g, m in zip(self.opt.param_groups, self.mults):
             g["lr"] = lr_now * m
-        dead = (since_fired >= cfg.dead_tokens) if cfg.dead_tokens else None
-        inp = TrainStepInput(x=local, denom=denom, n_global=batch_size, dead_mask=dead,
-                             coefficients=sae.coefficients(step, total), step=step, dist=coll)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+        dead = (st.since_fired >= sae.cfg.dead_tokens) if sae.cfg.dead_tokens else None
+        inp = TrainStepInput(x=local, denom=denom, n_global=B, dead_mask=dead,
+                             coefficients=sae.coefficients(step, run.total), step=step, dist=coll)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.autocast):
             out = sae.training_forward(inp)
-        loss_g = coll.all_reduce_sum(out.loss.detach().reshape(1).float())
-        if not bool(torch.isfinite(loss_g).all()):
-            where = f"last good checkpoint kept at {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() \
-                else "no checkpoint was written (pass checkpoint_dir to keep one)"
-            if bar is not None:
-                bar.close()
-            raise SAETrainingError(
-                f"loss became {float(loss_g[0])} at step {step} (token {step * batch_size}); training "
-                f"stopped before applying that update; {where}. Try a lower lr (now {lr:g}), check the "
-                "activations for huge values, or use a smaller batch")
+        red = coll.all_reduce_sum(torch.stack([out.loss.detach().float(), out.sq_err.detach().float(),
+                                               out.l0_sum.detach().float()]).double())
+        loss, fvu = float(red[0]), float(red[1] / denom)
+        self._guard(loss, fvu)
         out.loss.backward()
         if coll.world_size > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             flat = coll.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
             i = 0
-            for p in params:
+            for p in self.params:
                 n = p.numel()
                 p.grad = flat[i:i + n].view_as(p).clone()
                 i += n
         sae.remove_parallel_grad()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
         sae.after_step(out)
         with torch.no_grad():
             c = coll.all_reduce_sum(out.counts.double())
-            since_fired += batch_size
-            since_fired[c > 0] = 0
-            if step == decay_start:
-                counts.zero_()
-                count_tokens = 0
-            counts += c
-            count_tokens += batch_size
-        step += 1
-        if step % log_every == 0 or step == total or callback is not None:
-            red = coll.all_reduce_sum(torch.stack([out.sq_err.double(), out.l0_sum.double()]))
-            last = {"loss": float(loss_g[0]), "fvu": float(red[0] / denom), "l0": float(red[1]) / batch_size,
-                    "dead_fraction": float((since_fired >= (cfg.dead_tokens or float("inf"))).double().mean()),
-                    "tokens": step * batch_size, "step": step, "lr": lr_now}
-            if bar is not None:
-                bar.set_postfix(L0=f"{last['l0']:.1f}", FVU=f"{last['fvu']:.3f}",
-                                dead=f"{100 * last['dead_fraction']:.1f}%", refresh=False)
-        if bar is not None:
-            bar.update(batch_size)
-        if ckpt_path is not None and (step % every == 0 or step == total):
-            save_ckpt(step)
-        if callback is not None:
-            callback(step, dict(last))
-    if bar is not None:
-        bar.close()
-    sae.eval()
-    # ---- fold the input scale and record what happened
-    sae.fold_scale(scale)
-    if count_tokens > 0:
-        sae.sparsity = torch.log10(counts.cpu().float() / count_tokens + 1e-10)
-    wb = dict(cfg.metadata.get("workbench") or {})
-    wb.update({"n_tokens": total * batch_size, "steps": total, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "input_scale": scale, "b_dec_init": b_dec_init,
-               "fvu": last.get("fvu"), "l0": last.get("l0"), "dead_fraction": last.get("dead_fraction"),
-               "train_seconds": round(time.time() - t_start, 3), "world_size": coll.world_size})
-    cfg.metadata["workbench"] = wb
-    return sae
+            st.since_fired += B
+            st.since_fired[c > 0] = 0
+            if step == run.density_start:
+                st.counts.zero_()
+                st.count_tokens = 0
+            st.counts += c
+            st.count_tokens += B
+        st.step += 1
+        if st.step % self.log_every == 0 or st.step == run.total or self.callback is not None:
+            self.last = {"loss": loss, "fvu": fvu, "l0": float(red[2]) / B,
+                         "dead_fraction": float((st.since_fired >= (sae.cfg.dead_tokens or math.inf)).double().mean()),
+                         "tokens": st.step * B, "step": st.step, "lr": lr_now}
+            if self.bar is not None:
+                self.bar.set_postfix(L0=f"{self.last['l0']:.1f}", FVU=f"{fvu:.3f}",
+                                     dead=f"{100 * self.last['dead_fraction']:.1f}%", refresh=False)
+
+    def _guard(self, loss: float, fvu: float) -> None:
+        """Stop before applying the update of a batch whose loss is NaN/inf or whose FVU exploded: above
+        EXPLODE_FVU once warm-up is over, or above EXPLODE_FACTOR x the median of the recent batch FVUs
+        at any time (no working SAE reconstructs 100x worse than the batch mean; a diverging lr does)."""
+        st, run = self.st, self.run
+        why = None
+        if not (math.isfinite(loss) and math.isfinite(fvu)):
+            why = f"loss became {loss if not math.isfinite(loss) else fvu}"
+        else:
+            med = float(np.median(st.fvus)) if st.fvus else None
+            if st.step >= run.warmup and fvu > EXPLODE_FVU:
+                why = f"the loss exploded: batch FVU {fvu:.3g} > {EXPLODE_FVU:g} after warm-up"
+            elif med is not None and fvu > EXPLODE_FACTOR * max(med, 1e-6):
+                why = f"the loss exploded: batch FVU {fvu:.3g} > {EXPLODE_FACTOR:g} x the recent median {med:.3g}"
+            st.fvus = (st.fvus + [fvu])[-FVU_WINDOW:]
+        if why is None:
+            return
+        where = f"last good checkpoint kept at {self.ckpt}" if self.ckpt is not None and self.ckpt.exists() \
+            else "no checkpoint was written (pass checkpoint_dir to keep one)"
+        raise SAETrainingError(
+            f"{why} at step {st.step} (token {st.step * run.batch_size}); training stopped before applying "
+            f"that update; {where}. Try a lower lr (now {run.lr:g}), check the activations for huge values, "
+            "or use a smaller batch")
+
+    # ----- after the loop: calibrate, fold the input scale, record what happened
+    def finish(self, calibration: Any) -> SAE:
+        sae, run, st = self.sae, self.run, self.st
+        wb = dict(sae.cfg.metadata.get("workbench") or {})
+        if sae.needs_calibration:
+            batches, info = self._calibration_batches(calibration)
+            cal = sae.calibrate(batches)
+            wb["threshold_calibration"] = {**info, **cal}
+        sae.fold_scale(st.scale)
+        dead_fraction = density_dead = float("nan")
+        if st.count_tokens > 0:
+            rate = st.counts.cpu().double() / st.count_tokens
+            sae.sparsity = torch.log10(rate + 1e-10).float()
+            density_dead = float((rate == 0).double().mean())
+        if sae.cfg.dead_tokens:
+            dead_fraction = float((st.since_fired >= sae.cfg.dead_tokens).double().mean())
+        wb.update({"n_tokens": run.total * run.batch_size, "steps": run.total, "batch_size": run.batch_size,
+                   "lr": run.lr, "seed": run.seed, "input_scale": st.scale, "b_dec_init": run.b_dec_init,
+                   "fvu": self.last.get("fvu"), "l0": self.last.get("l0"),
+                   "dead_fraction": density_dead, "density_tokens": st.count_tokens,
+                   "aux_dead_fraction": dead_fraction, "aux_dead_tokens": sae.cfg.dead_tokens,
+                   "train_seconds": round(time.time() - getattr(self, "t_start", time.time()), 3),
+                   "world_size": self.coll.world_size})
+        sae.cfg.metadata["workbench"] = wb
+        return sae
+
+    def _calibration_batches(self, calibration: Any) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Normalised batches for the threshold: held-out rows when given (up to calibration_tokens, in
+        chunks of batch_size), else the last training batches (re-read from the deterministic source)."""
+        run, st = self.run, self.st
+        out: list[torch.Tensor] = []
+        if calibration is not None:
+            need = run.calibration_tokens
+            for b in _Source(calibration, run.batch_size, run.seed).epoch(0):
+                b = _as_batch(b)
+                for part in b.split(run.batch_size):
+                    part = part[:need]
+                    if part.shape[0]:
+                        out.append(part)
+                        need -= part.shape[0]
+                if need <= 0:
+                    break
+            data = "held_out"
+        else:
+            stream = _Stream(self.src, run.batch_size, *(st.cal_pos or (0, 0)))
+            out = [stream.next() for _ in range(run.calibration_batches())]
+            data = "last_training_batches"
+        if not out:
+            raise ValueError("calibration data has no rows")
+        xs = [b.to(self.dev, torch.float32) * st.scale for b in out]
+        if xs[0].shape[1] != run.d_in:
+            raise ValueError(f"calibration rows have d={xs[0].shape[1]} but the SAE has d_in={run.d_in}")
+        for i, b in enumerate(xs):
+            check_finite_rows(b, f"calibration batch {i}")
+        return xs, {"data": data, "tokens": int(sum(b.shape[0] for b in xs)), "batches": len(xs)}
+
+
+def _progress_bar(tr: _Trainer):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=tr.run.total * tr.run.batch_size, initial=tr.st.step * tr.run.batch_size, unit="tok",
+                unit_scale=True, desc=f"train {tr.run.arch} SAE", dynamic_ncols=True,
+                # `progress` may be a stream (the caller's, e.g. a UI job's log): bars go there
+                file=tr.progress if hasattr(tr.progress, "write") else sys.stderr)

@@ -10,16 +10,17 @@ from . import StepResult, arg, register
 @dataclass
 class CollectConfig:
     model: str = field(default="smollm2-135m", metadata=arg(
-        "model spec: smollm2-135m, minilm-l6, tiny-random[:...], a local HF folder, a .gguf file"))
+        "model spec: smollm2-135m, minilm-l6, tiny-random[:...], a local HF folder, a .gguf file",
+        role="model"))
     hooks: list[str] = field(default_factory=list, metadata=arg(
         "hook names or patterns (repeatable): blocks.6.hook_resid_post, 'blocks.*.hook_resid_post', "
-        "'blocks.{6,15}.hook_resid_post'"))
+        "'blocks.{6,15}.hook_resid_post'", role="hooks"))
     corpus: str = field(default="builtin", metadata=arg(
         "builtin, a .txt file (:lines / :paragraphs) or folder, FILE.jsonl[:field], hf:NAME[:split[:field]]"))
     max_tokens: int = field(default=50_000, metadata=arg("number of token rows to collect"))
     seq_len: int = field(default=128, metadata=arg("tokens per window (one document per window)"))
     batch_size: int = field(default=16, metadata=arg("windows per forward pass"))
-    out: str = field(default="", metadata=arg("output store folder (required)"))
+    out: str = field(default="", metadata=arg("output store folder (required)", role="out"))
     dtype: str = field(default="", metadata=arg(
         "storage dtype (default: the model's dtype)", choices=["float32", "float16", "bfloat16"]))
     device: str = field(default="auto", metadata=arg("cpu, cuda, cuda:1, ... or auto"))
@@ -35,7 +36,8 @@ class CollectConfig:
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
 
-@register("collect", CollectConfig, help="collect a model's activations at some hooks into a store")
+@register("collect", CollectConfig, help="collect a model's activations at some hooks into a store",
+          produces="store")
 def collect_step(cfg: CollectConfig) -> StepResult:
     from ..collector import collect
     from ..errors import WorkbenchError

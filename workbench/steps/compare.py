@@ -17,15 +17,13 @@ Rows are aligned before comparing:
 Result folder (kind "compare"): ``result.json`` {"kind": "compare", "version": 1, "metric", "align",
 "store_a", "store_b", "hooks_a", "hooks_b", "labels_a", "labels_b", "matrix" [[...]] (rows = hooks_a),
 "n_rows" (rows or documents compared), "n_available", "symmetric", "higher_is_similar", ...},
-``tensors.safetensors`` {"matrix"}, ``heatmap.html``. ``compare_matrix(...)`` is the same computation
-as a Python function returning that dict.
+``tensors.safetensors`` {"matrix"}, ``heatmap.html``; read it with ``read_compare_result(path) ->
+CompareResult``. ``compare_matrix(...)`` is the same computation as a Python function returning that dict.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,23 +32,32 @@ from typing import Any, Callable
 import torch
 
 from . import StepResult, arg, default_out, register
-from ..errors import WorkbenchError, closest
-from ._norms import REPORT_RATIO, check_ratio, keep_rows, report
+from ..errors import WorkbenchError
+from ..hooks import select_hooks
+from ._norms import (DEFAULT_RATIO, REPORT_RATIO, ROGUE_EFFECT, ROGUE_SHARE, ROGUE_TOP, check_ratio,
+                     drop_top_dims, is_rogue, keep_rows, report, rogue_report, standardize)
 
+log = logging.getLogger(__name__)
 METRIC_CHOICES = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
 GRAM_METRICS = ("rbf_cka", "mutual_knn")      # build n x n matrices: fewer rows by default
 DEFAULT_ROWS = 20_000
 DEFAULT_GRAM_ROWS = 4_096
+# Fewest documents a document-level comparison accepts. Below it the scores are mostly the sample
+# size: biased linear CKA of two INDEPENDENT isotropic representations (d = 576 and 384) is 0.98 on
+# 9 documents, 0.90 on 50, 0.82 on 100, 0.70 on 200 (debiased CKA: ~0 at every n). So 50 is a
+# floor, not a target: compare hundreds of documents, and prefer debiased_cka at document level.
+MIN_DOCS = 50
 
 
 @dataclass
 class CompareConfig:
-    store_a: str = field(metadata=arg("activation store", positional=True))
+    store_a: str = field(metadata=arg("activation store", positional=True, role="store"))
     store_b: str = field(default="", metadata=arg("second store (default: compare store_a with itself)",
-                                                  positional=True))
+                                                  positional=True, role="store_b"))
     hooks_a: list[str] = field(default_factory=list, metadata=arg(
-        "hooks of store_a (names or globs; default: all)", flag=["--hooks"]))
-    hooks_b: list[str] = field(default_factory=list, metadata=arg("hooks of store_b (default: all)"))
+        "hooks of store_a (names or globs; default: all)", flag=["--hooks"], role="hooks"))
+    hooks_b: list[str] = field(default_factory=list, metadata=arg("hooks of store_b (default: all)",
+                                                                               role="hooks_b"))
     metric: str = field(default="linear_cka", metadata=arg("similarity measure", choices=METRIC_CHOICES))
     align: str = field(default="auto", metadata=arg("row alignment across stores",
                                                     choices=["auto", "position", "document"]))
@@ -59,13 +66,23 @@ class CompareConfig:
         "and mutual_knn, which build n x n matrices; -1 = all)"))
     k: int = field(default=10, metadata=arg("neighbours for mutual_knn"))
     keep: float = field(default=0.99, metadata=arg("SVCCA: variance fraction (<= 1) or number of directions"))
-    max_norm_ratio: float = field(default=0.0, metadata=arg(
-        "drop rows whose norm is over R x the median in any compared hook (attention sinks / massive "
-        "activations; e.g. 10); with --align document they leave the document means; 0 keeps every row"))
+    max_norm_ratio: float = field(default=DEFAULT_RATIO, metadata=arg(
+        f"drop rows whose norm is over R x the median in any compared hook (attention sinks / massive "
+        f"activations; default {DEFAULT_RATIO:g}); with --align document they leave the document means; "
+        "0 keeps every row"))
+    standardize: bool = field(default=False, metadata=arg(
+        "z-score every dimension before the metric, so a few huge-variance 'rogue' dimensions do not "
+        "decide the score (Timkey & van Schijndel 2021)"))
+    drop_top_dims: int = field(default=0, metadata=arg(
+        f"leave out each hook's N highest-variance dimensions before the metric (e.g. {ROGUE_TOP}; 0: none)"))
     precision: str = field(default="float32", metadata=arg(
         "dtype of the cross products (summed in float64)", choices=["float32", "float64"]))
+    min_docs: int = field(default=MIN_DOCS, metadata=arg(
+        "refuse a document-level comparison with fewer documents (biased CKA of unrelated "
+        "representations is ~0.9 on 50 documents)"))
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
-    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/compare-...)"))
+    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/compare-...)",
+                                                     role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing result"))
 
 
@@ -78,16 +95,7 @@ def _open(store):
 def _resolve_hooks(store, patterns: list[str] | None, which: str) -> list[str]:
     if not patterns:
         return list(store.hooks)
-    out: list[str] = []
-    for p in patterns:
-        for part in ([p] if any(c in p for c in "*?[") else [x for x in re.split(r"[,\s]+", p) if x]):
-            hits = [h for h in store.hooks if fnmatch.fnmatchcase(h, part)] if any(c in part for c in "*?[") \
-                else ([part] if part in store.hooks else [])
-            if not hits:
-                raise WorkbenchError(f"{which}: no hook {part!r} in store {store.path}; it has: "
-                                     f"{closest(part, store.hooks)}")
-            out.extend(h for h in hits if h not in out)
-    return out
+    return select_hooks(store.hooks, patterns, where=f"store {store.path} ({which})")
 
 
 def _even(n: int, m: int) -> torch.Tensor:
@@ -191,13 +199,19 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
                    hooks_b: list[str] | None = None, metric: str = "linear_cka", align: str = "auto",
                    max_rows: int = 0, k: int = 10, keep: float = 0.99, precision: str = "float32",
                    device: str = "auto", progress: Callable[[int, int], None] | None = None,
-                   max_norm_ratio: float = 0.0) -> dict[str, Any]:
+                   max_norm_ratio: float = DEFAULT_RATIO, standardize_dims: bool = False,
+                   drop_top: int = 0, min_docs: int = MIN_DOCS) -> dict[str, Any]:
     """Similarity matrix between the hooks of one store (or of two stores).
 
     Returns {"matrix": Tensor[len(hooks_a), len(hooks_b)] (float64), "labels_a", "labels_b",
     "hooks_a", "hooks_b", "metric", "align" ("position" | "document"), "n_rows" (rows or documents
-    compared), "n_available", "symmetric", "seconds"}. Raises WorkbenchError when the stores cannot
-    be aligned, naming why."""
+    compared), "n_available", "symmetric", "seconds", "rows_dropped" (+ "rows_dropped_by_hook"),
+    "rogue_dims" {hook: share of variance in its top dimensions}, "rogue_check"}. Rows over
+    `max_norm_ratio` x the median norm are left out (0 keeps them); `standardize_dims` z-scores
+    every dimension and `drop_top` leaves out each hook's top-variance dimensions before the
+    metric. Without either, when some hook has ROGUE_SHARE of its variance in ROGUE_TOP dimensions,
+    the matrix is computed again without them and "rogue_check" says how much the scores move.
+    Raises WorkbenchError when the stores cannot be aligned, naming why."""
     from analyses.similarity import similarity_matrix
 
     t0 = time.time()
@@ -240,8 +254,12 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     gram = metric in GRAM_METRICS
     cap = (DEFAULT_GRAM_ROWS if gram else DEFAULT_ROWS) if max_rows == 0 else max_rows
     check_ratio(max_norm_ratio)
-    keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio)
-    keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio)
+    if drop_top < 0:
+        raise WorkbenchError(f"--drop-top-dims must be >= 0 (0: keep every dimension), got {drop_top}")
+    by_hook_a: dict[str, int] = {}
+    by_hook_b: dict[str, int] = {}
+    keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio, by_hook_a)
+    keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio, by_hook_b)
     dropped = 0
     if mode == "position":
         if one:
@@ -282,6 +300,11 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     if n < 4:
         raise WorkbenchError(f"only {n} aligned {'rows' if mode == 'position' else 'documents'}; "
                              "need at least 4 to compare")
+    if mode == "document" and n < min_docs:
+        raise WorkbenchError(f"only {n} documents in common: a document-level comparison needs at least {min_docs} "
+                             f"(on few documents the scores mostly reflect the sample size). Collect more documents "
+                             f"(--windows-per-doc 1 keeps one window per document: ~max_tokens / seq_len "
+                             f"documents) or lower --min-docs")
     if metric == "mutual_knn" and k >= n:
         raise WorkbenchError(f"--k {k} must be smaller than the number of rows compared ({n})")
     if metric in ("pwcca",):
@@ -296,16 +319,46 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     # how much of each compared representation sits in a few huge-norm rows (attention sinks)
     share = max(report(torch.linalg.vector_norm(r.float(), dim=1))["sq_norm_share"]
                 for r in reps_a + (reps_b or []))
+    # ... and in a few huge-variance dimensions (rogue dimensions)
+    rogue = {f"A:{h}" if not sym else h: rogue_report(r) for h, r in zip(ha, reps_a)}
+    if not sym:
+        rogue.update({f"B:{h}": rogue_report(r) for h, r in zip(hb, reps_b)})
+    rogue_max = max(v[f"top{ROGUE_TOP}_share"] for v in rogue.values())
+    rogue_any = any(is_rogue(v) for v in rogue.values())
     keep_v: int | float = int(keep) if keep > 1 else float(keep)
-    try:
-        M = similarity_matrix(reps_a, reps_b, metric, dtype=precision, keep=keep_v, k=k,
-                              device=device, progress=progress)
-    except ValueError as e:
-        raise WorkbenchError(f"compare ({metric}): {e}") from None
+
+    def matrix(ra, rb, prog):
+        try:
+            return similarity_matrix(ra, rb, metric, dtype=precision, keep=keep_v, k=k,
+                                     device=device, progress=prog)
+        except ValueError as e:
+            raise WorkbenchError(f"compare ({metric}): {e}") from None
+
+    def remedy(reps, fn):
+        return None if reps is None else [fn(r) for r in reps]
+
+    check: dict[str, Any] = {"done": False, "share_max": rogue_max, "threshold": ROGUE_SHARE, "top": ROGUE_TOP}
+    if standardize_dims:
+        reps_a, reps_b = remedy(reps_a, standardize), remedy(reps_b, standardize)
+    if drop_top:
+        reps_a = remedy(reps_a, lambda r: drop_top_dims(r, drop_top))
+        reps_b = remedy(reps_b, lambda r: drop_top_dims(r, drop_top))
+    M = matrix(reps_a, reps_b, progress)
+    if not (standardize_dims or drop_top) and rogue_any:
+        # does that handful of dimensions decide the scores? the same matrix without them
+        M2 = matrix(remedy(reps_a, lambda r: drop_top_dims(r, ROGUE_TOP)),
+                    remedy(reps_b, lambda r: drop_top_dims(r, ROGUE_TOP)), None)
+        diff = (M - M2).abs()
+        diff = diff[~torch.isnan(diff)]
+        check.update(done=True, max_change=float(diff.max()) if diff.numel() else 0.0,
+                     matrix_without_top=[[None if v != v else float(v) for v in row] for row in M2.tolist()])
     return {"matrix": M, "hooks_a": ha, "hooks_b": hb, "labels_a": list(ha), "labels_b": list(hb),
             "metric": metric, "align": mode, "n_rows": n, "n_available": n_avail, "symmetric": sym,
             "max_norm_ratio": float(max_norm_ratio), "rows_dropped": dropped,
-            "massive_sq_norm_share_max": share,
+            "rows_dropped_by_hook": {**{f"A:{h}" if not one else h: c for h, c in by_hook_a.items()},
+                                     **{f"B:{h}": c for h, c in by_hook_b.items()}},
+            "massive_sq_norm_share_max": share, "standardize": bool(standardize_dims), "drop_top_dims": int(drop_top),
+            "rogue_dims": rogue, "rogue_check": check,
             "store_a": str(sa.path), "store_b": str(sb_eff.path), "seconds": time.time() - t0}
 
 
@@ -341,12 +394,13 @@ def compare_step(cfg: CompareConfig) -> StepResult:
 
     def progress(i, total):
         if total >= 20 and (i == total or i % max(1, total // 10) == 0):
-            print(f"compare: {i}/{total} pairs", file=sys.stderr, flush=True)
+            log.info("%d/%d pairs", i, total)
 
     res = compare_matrix(cfg.store_a, cfg.store_b or None, cfg.hooks_a or None, cfg.hooks_b or None,
                          metric=cfg.metric, align=cfg.align, max_rows=cfg.max_rows, k=cfg.k, keep=cfg.keep,
                          precision=cfg.precision, device=cfg.device, progress=progress,
-                         max_norm_ratio=cfg.max_norm_ratio)
+                         max_norm_ratio=cfg.max_norm_ratio, standardize_dims=cfg.standardize,
+                         drop_top=cfg.drop_top_dims, min_docs=cfg.min_docs)
     prepare_out(out, cfg.overwrite, "compare result")
     M = res["matrix"]
     data = {k: v for k, v in res.items() if k != "matrix"}
@@ -367,18 +421,111 @@ def compare_step(cfg: CompareConfig) -> StepResult:
         metrics.update({"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max())})
     summary = {"out": str(out), "metric": cfg.metric, "align": res["align"], "n_rows": res["n_rows"],
                "shape": list(M.shape), "rows_dropped": res["rows_dropped"]}
+    if cfg.max_norm_ratio and res["rows_dropped"]:
+        summary["note"] = (f"{res['rows_dropped']} rows left out: norm over {cfg.max_norm_ratio:g}x the median in some "
+                           f"compared hook (attention sinks); --max-norm-ratio 0 keeps them")
+    chk = res["rogue_check"]
+    metrics["rogue_top_share_max"] = float(chk["share_max"])
+    warnings = []
     if res["massive_sq_norm_share_max"] > 0.5:
-        summary["warning"] = (f"in some hook, rows with norms over {REPORT_RATIO:g}x the median carry "
-                              f"{100 * res['massive_sq_norm_share_max']:.0f}% of the squared norm (attention sinks): "
-                              f"the scores mostly compare those rows"
-                              + ("" if cfg.max_norm_ratio else f"; --max-norm-ratio {REPORT_RATIO:g} drops them"))
+        warnings.append(f"in some hook, rows with norms over {REPORT_RATIO:g}x the median carry "
+                        f"{100 * res['massive_sq_norm_share_max']:.0f}% of the squared norm (attention sinks): "
+                        f"the scores mostly compare those rows"
+                        + ("" if cfg.max_norm_ratio else f"; --max-norm-ratio {REPORT_RATIO:g} drops them"))
+    if chk["done"]:
+        metrics["rogue_max_change"] = chk["max_change"]
+        if chk["max_change"] > ROGUE_EFFECT:
+            worst = max(res["rogue_dims"].items(), key=lambda kv: kv[1][f"top{ROGUE_TOP}_share"])
+            warnings.append(
+                f"rogue dimensions: in {worst[0]}, dimension(s) {worst[1]['dims']} hold "
+                f"{100 * worst[1][f'top{ROGUE_TOP}_share']:.0f}% of the variance; without each hook's top "
+                f"{ROGUE_TOP} dimensions the scores change by up to {chk['max_change']:.2f}, so those few "
+                f"dimensions decide them. --standardize (z-score each dimension) or --drop-top-dims "
+                f"{ROGUE_TOP} compares the rest")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
     return StepResult(
         summary=summary,
         metrics=metrics,
         artifacts={"result": str(out), "heatmap": str(out / "heatmap.html")})
 
 
-def load_compare_result(path: str | Path) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class CompareResult:
+    """A "compare" result folder as everything reads it (UI, tests): ``read_compare_result``. Keys
+    added after the first version (rows_dropped, rogue_check, ...) default to "none"."""
+    path: Path
+    metric: str
+    align: str
+    store_a: str
+    store_b: str
+    hooks_a: list[str]
+    hooks_b: list[str]
+    matrix: torch.Tensor                 # [len(hooks_a), len(hooks_b)], float64, NaN where undefined
+    n_rows: int
+    symmetric: bool
+    higher_is_similar: bool
+    rows_dropped: int = 0
+    max_norm_ratio: float = 0.0
+    standardize: bool = False
+    rogue_dims: dict[str, Any] = field(default_factory=dict)
+    rogue_check: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)   # the whole result.json
+
+
+def read_compare_result(path: str | Path) -> CompareResult:
+    """The one reader of a "compare" result folder (WorkbenchError for a missing one or another kind)."""
     from ..results import read_result, read_tensors
-    meta = read_result(path, "compare")
-    return {"meta": meta, "matrix": read_tensors(path).get("matrix")}
+    m = read_result(path, "compare")
+    try:
+        M = read_tensors(path).get("matrix")
+        M = torch.tensor([[float("nan") if v is None else v for v in r] for r in m["matrix"]],
+                         dtype=torch.float64) if M is None else M.to(torch.float64)
+        return CompareResult(
+            path=Path(path), metric=m["metric"], align=m["align"], store_a=m["store_a"], store_b=m["store_b"],
+            hooks_a=list(m["hooks_a"]), hooks_b=list(m["hooks_b"]), matrix=M, n_rows=int(m["n_rows"]),
+            symmetric=bool(m["symmetric"]), higher_is_similar=bool(m.get("higher_is_similar", True)),
+            rows_dropped=int(m.get("rows_dropped") or 0), max_norm_ratio=float(m.get("max_norm_ratio") or 0.0),
+            standardize=bool(m.get("standardize")), rogue_dims=dict(m.get("rogue_dims") or {}),
+            rogue_check=dict(m.get("rogue_check") or {}), meta=m)
+    except KeyError as e:
+        raise WorkbenchError(f"{path}: the compare result has no {e.args[0]!r}; rerun the compare step") from None
+
+
+def sweep_check(opts: dict[str, Any], source_a: dict[str, Any], source_b: dict[str, Any],
+                same_source: bool) -> str | None:
+    """Plan-time check for sweeps (before anything runs): can this comparison have enough rows?
+    `source_a/b` are the collect options of the two stores (max_tokens, seq_len, windows_per_doc;
+    defaults filled in). Returns the reason to refuse, or None.
+
+    A store holds ~max_tokens rows in windows of at most seq_len tokens, so at least
+    max_tokens / seq_len windows, and with windows_per_doc = w at least max_tokens / (seq_len * w)
+    documents. With windows_per_doc = 0 (every window of each document) the number of documents
+    is unknown: 20,000 builtin tokens can be 9 documents."""
+    metric, align = opts.get("metric", "linear_cka"), opts.get("align", "auto")
+    k, min_docs = int(opts.get("k", 10)), int(opts.get("min_docs", MIN_DOCS))
+    if align == "document" and not same_source:
+        bounds = []
+        for src in (source_a, source_b):
+            w, L, T = int(src.get("windows_per_doc", 0)), int(src.get("seq_len", 128)), int(src.get("max_tokens", 0))
+            if w <= 0:
+                return ("align = \"document\" needs documents, but the collect options keep every window of each "
+                        "document (windows_per_doc = 0), so the number of documents is unknown (20,000 builtin "
+                        "tokens can be 9 documents); set windows_per_doc = 1 in [collect] (about max_tokens / "
+                        "seq_len documents)")
+            bounds.append(-(-T // (L * w)))
+        n = min(bounds)
+        if n < min_docs:
+            return (f"align = \"document\" would compare at most ~{n} documents (max_tokens / (seq_len * "
+                    f"windows_per_doc)); it needs at least {min_docs}: raise max_tokens or lower windows_per_doc")
+    else:
+        n = min(int(source_a.get("max_tokens", 0)), int(source_b.get("max_tokens", 0)))
+        if n and n < 4:
+            return f"max_tokens = {n} leaves fewer than 4 rows to compare"
+    if metric == "mutual_knn" and n and k >= n:
+        return f"mutual_knn with k = {k} needs more than k rows; at most ~{n} here"
+    return None
+
+
+CompareConfig.sweep_check = staticmethod(sweep_check)    # read by the sweep planner (workbench.sweep.dag)

@@ -27,7 +27,7 @@ The UI (and scripts) read the result ONLY through ``load_features(path) -> Featu
       ],                                          #   (lowest bin first; empty list when dead)
       "histogram": {"edges": [H+1 floats], "counts": [H ints]},   # linear bins 0..max, firing only;
                                                   #   sum(counts) == count
-      "logits": None | {                          # W_dec[i] @ W_U (no LayerNorm folded in)
+      "logits": None | {                          # W_dec[i] @ W_U_folded (final norm's gain folded in)
           "top": [{"token": str, "id": int, "value": float}, ...],      # largest first
           "bottom": [{"token": str, "id": int, "value": float}, ...],   # most negative first
           "histogram": {"edges": [...], "counts": [...]}},              # over the whole vocab
@@ -63,7 +63,8 @@ On disk (a result folder, kind "features"; only the reader above should parse it
 - ``result.json``: {"kind": "features", "version": 1, "sae", "store", "hook", "model",
   "architecture", "d_sae", "d_in", "n_tokens", "n_top", "n_buckets", "per_bucket", "hist_bins",
   "context", "window" (= 2*context+1), "n_neighbours", "n_neurons", "n_logits", "logit_bins",
-  "has_logits", "logits_reason" (why absent, "" when present), "dead_fraction", "mean_l0",
+  "has_logits", "logits_reason" (why absent, "" when present), "logit_unembedding" (which W_U),
+  "dead_fraction", "mean_l0",
   "passes": 2, "codes_cached" (pass 2 reused pass 1's codes), "n_referenced_rows", "tokens_decoded",
   "timing": {...}, "seconds",
   "tensors": [...], "figures": {"density": "density.html"}}
@@ -98,8 +99,8 @@ up to ~180M), else it encodes again.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,14 +108,19 @@ from typing import Any
 
 import torch
 
+from analyses._util import resolve_device
 from analyses.features import FeatureStatsAccumulator, decoder_neighbours, logit_table, neuron_alignment
 
 from ..errors import WorkbenchError
 from ..results import atomic_write_json, prepare_out, read_result, read_tensors, write_result
 from . import StepResult, arg, default_out, register
 
+log = logging.getLogger(__name__)
+
 KIND = "features"
 VERSION = 1
+LOGIT_UNEMBEDDING = ("W_U_folded = diag(final-norm gain) @ W_U (LayerNorm: also centred over d_model), "
+                     "as sae_vis / Neuronpedia; the norm's bias and 1/rms scale leave the token order unchanged")
 TOKENS_FILE = "tokens.json"
 
 
@@ -125,9 +131,10 @@ class LatentOutOfRange(WorkbenchError, IndexError):
 # ----------------------------------------------------------------------------------------- config
 @dataclass
 class FeaturesConfig:
-    sae: str = field(metadata=arg("SAE folder (SAELens format)", positional=True))
-    store: str = field(metadata=arg("activation store folder", positional=True))
-    hook: str = field(default="", metadata=arg("hook to read (default: the SAE's metadata hook_name)"))
+    sae: str = field(metadata=arg("SAE folder (SAELens format)", positional=True, role="sae"))
+    store: str = field(metadata=arg("activation store folder", positional=True, role="store"))
+    hook: str = field(default="", metadata=arg("hook to read (default: the SAE's metadata hook_name)",
+                                                                 role="hook"))
     max_tokens: int = field(default=0, metadata=arg("use the first N rows of the store (0 = all)"))
     batch_size: int = field(default=1024, metadata=arg("rows encoded at once"))
     context: int = field(default=5, metadata=arg("tokens shown either side of an example"))
@@ -141,7 +148,8 @@ class FeaturesConfig:
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
     cache_mb: int = field(default=2048, metadata=arg(
         "memory (MiB) for keeping the sparse codes of pass 1 for pass 2; over it, pass 2 re-encodes (0 = always)"))
-    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/features-SAE)"))
+    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/features-SAE)",
+                                                     role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing result"))
 
 
@@ -151,15 +159,8 @@ def _load_sae(path: str | Path, device: str | torch.device = "cpu"):
     if not (p / "cfg.json").exists():
         raise WorkbenchError(f"{p} is not an SAE folder (no cfg.json); give a folder written by train-sae "
                              "or export-sae (SAELens format)")
-    import analyses.sae as sae_pkg
-    for name in ("load_sae", "load"):
-        if callable(getattr(sae_pkg, name, None)):
-            return getattr(sae_pkg, name)(p, device=device)
-    if not hasattr(sae_pkg, "SAE"):
-        from analyses.sae import base as sae_pkg  # the package's __init__ may not re-export yet
-    if hasattr(sae_pkg, "SAE") and hasattr(sae_pkg.SAE, "load"):
-        return sae_pkg.SAE.load(p, device=device)
-    raise WorkbenchError("analyses.sae offers no loader (load / SAE.load)")
+    from analyses.sae import load_sae
+    return load_sae(p, device=device)
 
 
 def _sae_meta(sae: Any, key: str, default: Any = None) -> Any:
@@ -181,13 +182,11 @@ def _sae_param(sae: Any, name: str) -> torch.Tensor:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device in ("", "auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device or "auto")
 
 
 def _log(msg: str) -> None:
-    print(f"[features] {msg}", file=sys.stderr, flush=True)
+    log.info(msg)
 
 
 def _decode_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -239,7 +238,8 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
                      context: int = 5, n_top: int = 20, n_buckets: int = 10, per_bucket: int = 5,
                      hist_bins: int = 40, n_neighbours: int = 10, n_neurons: int = 8, n_logits: int = 10,
                      logit_bins: int = 40, W_U: torch.Tensor | None = None, tokenizer: Any = None,
-                     device: str = "auto", seed: int = 0, cache_mb: float = 2048) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+                     device: str = "auto", seed: int = 0, cache_mb: float = 2048,
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """The whole computation, without writing: (result.json fields, tensors, token strings).
     `sae`: an SAE object (encode, W_dec, cfg); `store`: an open ActivationStore."""
     t0 = time.time()
@@ -425,7 +425,7 @@ def features(cfg: FeaturesConfig) -> StepResult:
             if getattr(m, "kind", "causal") != "causal" or getattr(m, "W_U", None) is None:
                 logits_reason = f"{model_spec} is not a causal LM (no unembedding)"
             else:
-                W_U = m.W_U.detach().float().cpu()
+                W_U = m.W_U_folded.detach().float().cpu()    # final norm's gain folded in
             del m
         except Exception as e:  # noqa: BLE001 - the logit table is optional
             logits_reason = f"model {model_spec!r} could not be loaded: {type(e).__name__}: {e}"
@@ -437,6 +437,8 @@ def features(cfg: FeaturesConfig) -> StepResult:
         cache_mb=cfg.cache_mb)
     if not meta["has_logits"] and W_U is None:
         meta["logits_reason"] = logits_reason
+    if meta["has_logits"]:
+        meta["logit_unembedding"] = LOGIT_UNEMBEDDING
     meta.update(sae=str(cfg.sae), store=str(cfg.store), model=model_spec, tokenizer_error=tok_reason,
                 seconds=round(time.time() - t0, 3))
     write_features(out, meta, tensors, strings)

@@ -2,7 +2,7 @@
 
     workbench pca STORE --hook H --k K [--method exact|randomized] [--whiten] --out PATH
 
-Result folder (kind "pca"; read it with ``load_pca_result(path)``):
+Result folder (kind "pca"; read it with ``read_pca_result(path) -> PCAResult``):
 
 - ``result.json``: {"kind": "pca", "version": 1, "store", "hook", "model", "k", "method", "whiten",
   "n_samples", "d", "explained_variance_ratio" [k], "cumulative_variance_ratio" [k],
@@ -19,48 +19,42 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..hooks import pick_hook
 from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError
 
 
 @dataclass
 class PCAConfig:
-    store: str = field(metadata=arg("activation store folder", positional=True))
-    hook: str = field(default="", metadata=arg("hook to analyse (default: the store's only hook)"))
+    store: str = field(metadata=arg("activation store folder", positional=True, role="store"))
+    hook: str = field(default="", metadata=arg("hook to analyse (default: the store's only hook)", role="hook"))
     k: int = field(default=50, metadata=arg("number of components"))
     method: str = field(default="exact", metadata=arg("exact (float64 covariance) or randomized (Halko)",
                                                       choices=["exact", "randomized"]))
-    precision: str = field(default="float64", metadata=arg(
-        "float64 (exact covariance) or mixed (float32 products per chunk, float64 accumulation: ~2x "
-        "faster on CPU, ~1e-7 relative error)", choices=["float64", "mixed"]))
+    precision: str = field(default="auto", metadata=arg(
+        "covariance products: auto (mixed for float32/half stores, i.e. always for stores: float32 "
+        "products per chunk summed in float64, ~1e-7 relative error, ~2x faster on CPU than exact), "
+        "mixed, or exact/float64 (float64 products, ~1e-15)", choices=["auto", "mixed", "exact", "float64"]))
     whiten: bool = field(default=False, metadata=arg("scale projections to unit variance"))
     device: str = field(default="auto", metadata=arg("cpu | cuda | auto"))
     batch_size: int = field(default=16384, metadata=arg("rows read per batch"))
-    max_norm_ratio: float = field(default=0.0, metadata=arg(
+    max_norm_ratio: float = field(default=10.0, metadata=arg(
         "drop rows whose norm is over R x the median row norm (attention sinks / massive "
-        "activations; e.g. 10); 0 keeps every row. The result reports such rows either way"))
+        "activations; default 10); 0 keeps every row. The result reports such rows either way"))
     sample: int = field(default=2000, metadata=arg("rows shown in the 2-D projection plot"))
-    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/pca-STORE-HOOK)"))
+    out: str = field(default="", metadata=arg("output folder (default: WORKSPACE/results/pca-STORE-HOOK)",
+                                                     role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing result"))
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _pick_hook(store, hook: str) -> str:
-    if hook:
-        store.d(hook)      # unknown hook -> WorkbenchError with the closest names
-        return hook
-    if len(store.hooks) == 1:
-        return store.hooks[0]
-    raise WorkbenchError(f"store {store.path} has {len(store.hooks)} hooks; choose one with --hook "
-                         f"({', '.join(store.hooks[:8])}{' ...' if len(store.hooks) > 8 else ''})")
 
 
 def _token_labels(store, rows: torch.Tensor) -> list[str]:
@@ -110,16 +104,17 @@ def _figures(pca, proj: torch.Tensor, labels: list[str], hook: str) -> dict[str,
     return {"scree": scree, "projection": scatter}
 
 
-@register("pca", PCAConfig, help="PCA of one hook of an activation store (streamed, float64)")
+@register("pca", PCAConfig, help="PCA of one hook of an activation store (one streamed pass; sums in float64)")
 def pca_step(cfg: PCAConfig) -> StepResult:
     from analyses.geometry import geometry_report
     from analyses.pca import PCA
     from ..results import prepare_out, write_result
     from ..store import ActivationStore
-    from ._norms import REPORT_RATIO, check_ratio, massive, report, row_norms
+    from ._norms import (REPORT_RATIO, ROGUE_TOP, check_ratio, is_rogue, massive, report, rogue_from_var,
+                         row_norms)
 
     store = ActivationStore.open(cfg.store)
-    hook = _pick_hook(store, cfg.hook)
+    hook = pick_hook(store, cfg.hook)
     d, n = store.d(hook), store.n_rows
     if cfg.k < 1 or cfg.k > min(n, d):
         raise WorkbenchError(f"--k {cfg.k} must be between 1 and min(n_rows, d) = min({n}, {d}) = {min(n, d)}")
@@ -146,6 +141,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     sample_rows = kept_idx[torch.linspace(0, n_keep - 1, m).round().long().unique()] if m \
         else torch.zeros(0, dtype=torch.long)
     kept: list[torch.Tensor] = []
+    col = {"n": 0, "s": torch.zeros(d, dtype=torch.float64), "q": torch.zeros(d, dtype=torch.float64)}
 
     def stream():
         start = 0
@@ -159,7 +155,15 @@ def pca_step(cfg: PCAConfig) -> StepResult:
                 norms[start:stop] = torch.linalg.vector_norm(b.to(torch.float32), dim=1)
             rows_kept = keep[start:stop]
             start = stop
-            yield b if n_keep == n else b[rows_kept]
+            b = b if n_keep == n else b[rows_kept]
+            b64 = b.to(torch.float64)                # per-dimension variances (rogue dimensions)
+            if col["n"] == 0:
+                col["shift"] = b64[:1024].mean(0)
+            b64 -= col["shift"]
+            col["n"] += b.shape[0]
+            col["s"] += b64.sum(0)
+            col["q"] += (b64 * b64).sum(0)
+            yield b
 
     pca = PCA(cfg.k, method=cfg.method, whiten=cfg.whiten, device=cfg.device, precision=cfg.precision)
     try:
@@ -167,6 +171,8 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     except ValueError as e:
         raise WorkbenchError(f"PCA of {hook} in {store.path}: {e}") from None
     outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
+    var = (col["q"] - col["s"] ** 2 / col["n"]) / max(col["n"] - 1, 1)
+    rogue = rogue_from_var(var)
     sample = torch.cat(kept) if kept else torch.zeros((0, d))
     proj = pca.transform(sample)[:, :2] if sample.shape[0] else torch.zeros((0, 2))
     spectrum = pca.eigenvalues_ if pca.eigenvalues_ is not None else pca.explained_variance_
@@ -185,11 +191,11 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     evr = pca.explained_variance_ratio_.cpu()
     data = {
         "store": str(Path(cfg.store)), "hook": hook, "model": store.model_name, "k": cfg.k,
-        "method": cfg.method, "whiten": cfg.whiten, "n_samples": pca.n_samples_, "d": d,
+        "method": cfg.method, "precision": pca.precision_, "whiten": cfg.whiten, "n_samples": pca.n_samples_, "d": d,
         "explained_variance_ratio": evr.tolist(), "cumulative_variance_ratio": torch.cumsum(evr, 0).tolist(),
         "total_variance": pca.total_variance_, "geometry": geo, "n_sample_rows": int(sample_rows.numel()),
         "model_dir": "model", "max_norm_ratio": cfg.max_norm_ratio, "rows_dropped": n - n_keep,
-        "massive_rows": outliers,
+        "massive_rows": outliers, "rogue_dims": rogue,
     }
     figs = _figures(pca, torch.as_tensor(proj), _token_labels(store, sample_rows), hook)
     write_result(out, "pca", data, tensors={k: v.detach().cpu() for k, v in tensors.items()}, figures=figs)
@@ -198,10 +204,21 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     metrics.update({k: float(v) for k, v in geo.items() if isinstance(v, (int, float))})
     summary = {"out": str(out), "hook": hook, "k": cfg.k, "method": cfg.method, "n_samples": pca.n_samples_,
                "d": d, "explained_variance_ratio_k": float(evr.sum()), "rows_dropped": n - n_keep}
+    metrics["rogue_top_share"] = rogue[f"top{ROGUE_TOP}_share"]
+    if n_keep < n:
+        summary["note"] = (f"{n - n_keep} rows left out: norm over {cfg.max_norm_ratio:g}x the median (attention "
+                           f"sinks); --max-norm-ratio 0 keeps them")
+    warnings = []
     if not cfg.max_norm_ratio and outliers["sq_norm_share"] > 0.5:
-        summary["warning"] = (f"{outliers['rows']} rows ({100 * outliers['row_fraction']:.2f}%) with norms over "
-                              f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
-                              f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
+        warnings.append(f"{outliers['rows']} rows ({100 * outliers['row_fraction']:.2f}%) with norms over "
+                        f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
+                        f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
+    if is_rogue(rogue):
+        warnings.append(f"rogue dimensions: dimension(s) {rogue['dims']} hold "
+                        f"{100 * rogue[f'top{ROGUE_TOP}_share']:.0f}% of the variance, so the first components are "
+                        f"mostly those coordinates (Timkey & van Schijndel 2021)")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
     return StepResult(
         summary=summary,
         metrics=metrics,
@@ -209,9 +226,61 @@ def pca_step(cfg: PCAConfig) -> StepResult:
                    "projection": str(out / "projection.html"), "model": str(out / "model")})
 
 
-def load_pca_result(path: str | Path) -> dict[str, Any]:
-    """result.json + tensors + the re-loaded PCA of a `pca` result folder."""
-    from analyses.pca import PCA
-    from ..results import read_result, read_tensors
-    meta = read_result(path, "pca")
-    return {"meta": meta, "tensors": read_tensors(path), "pca": PCA.load(Path(path) / meta["model_dir"])}
+@dataclass(frozen=True)
+class PCAResult:
+    """A "pca" result folder as everything reads it (UI, interventions, tests): ``read_pca_result``.
+    Keys added after the first version (rows_dropped, massive_rows, rogue_dims, ...) default to
+    "none", so result folders made before them still read."""
+    path: Path
+    store: str
+    hook: str
+    model: str | None
+    k: int
+    method: str
+    n_samples: int
+    d: int
+    explained_variance_ratio: list[float]
+    cumulative_variance_ratio: list[float]
+    geometry: dict[str, Any]
+    rows_dropped: int = 0
+    max_norm_ratio: float = 0.0
+    massive_rows: dict[str, Any] = field(default_factory=dict)
+    rogue_dims: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)   # the whole result.json
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from ..results import read_tensors
+        return read_tensors(self.path)
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first two PCs of the sampled rows [m, 2], their store rows [m])."""
+        t = self.tensors
+        if "projection" not in t or "sample_rows" not in t:
+            raise WorkbenchError(f"{self.path}: this pca result stores no projected rows; rerun the pca step")
+        return t["projection"], t["sample_rows"]
+
+    def pca(self, device: str = "cpu"):
+        """The fitted analyses.pca.PCA (all k components)."""
+        from analyses.pca import PCA
+        sub = self.path / str(self.meta.get("model_dir") or "model")
+        if not (sub / "pca.json").exists():
+            raise WorkbenchError(f"{self.path} has no saved PCA model ({sub.name}/); rerun the pca step")
+        return PCA.load(sub, device)
+
+
+def read_pca_result(path: str | Path) -> PCAResult:
+    """The one reader of a "pca" result folder (WorkbenchError for a missing one or another kind)."""
+    from ..results import read_result
+    m = read_result(path, "pca")
+    try:
+        return PCAResult(
+            path=Path(path), store=m["store"], hook=m["hook"], model=m.get("model"), k=int(m["k"]),
+            method=m["method"], n_samples=int(m["n_samples"]), d=int(m["d"]),
+            explained_variance_ratio=[float(v) for v in m["explained_variance_ratio"]],
+            cumulative_variance_ratio=[float(v) for v in m["cumulative_variance_ratio"]],
+            geometry=dict(m["geometry"]), rows_dropped=int(m.get("rows_dropped") or 0),
+            max_norm_ratio=float(m.get("max_norm_ratio") or 0.0), massive_rows=dict(m.get("massive_rows") or {}),
+            rogue_dims=dict(m.get("rogue_dims") or {}), meta=m)
+    except KeyError as e:
+        raise WorkbenchError(f"{path}: the pca result has no {e.args[0]!r}; rerun the pca step") from None

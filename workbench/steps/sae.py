@@ -8,7 +8,9 @@ train-sae feeds shuffled batches of the store (``store.batches(hook, batch_size,
 seed=seed * 1000 + epoch)``) to :func:`analyses.sae.train_sae`, keeps checkpoints in
 ``OUT/.checkpoints`` while it runs (so rerunning the same command after a kill resumes), writes the SAE
 folder (SAELens format, cfg.json last) and evaluates it on ``eval_tokens`` rows of the store (written in
-``OUT/eval/`` as an ``sae_eval`` result and in cfg.json ``metadata.workbench.eval``).
+``OUT/eval/`` as an ``sae_eval`` result and in cfg.json ``metadata.workbench.eval``). ``--holdout``
+(default 5%) documents of the store are held out of training and are what that evaluation (and
+eval-sae by default) uses; see :mod:`workbench.steps._sae_eval` for the split and density rules.
 """
 
 from __future__ import annotations
@@ -19,12 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import WorkbenchError, closest
+from ..errors import WorkbenchError
+from ..hooks import pick_hook
+from ..logs import progress_stream
 from . import StepResult, arg, default_out, register
+from ._sae_eval import SPLIT_CHOICES, ce_metrics, density_block, eval_rows, write_eval
 
-ARCH_CHOICES = ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"]
+CE_SEQUENCES = 64      # default for eval-sae: see ce_metrics / README for the measured standard error
+
+# SAE architectures come from the one registry (analyses/sae/registry.py): a live view, so an architecture
+# registered after this import is a CLI / sweep / UI choice too
+from analyses.sae import ARCHS as _SAE_ARCHS  # noqa: E402
+
+ARCH_CHOICES = _SAE_ARCHS.keys()
 FORMAT_CHOICES = ["saelens", "sparsify", "neuronpedia"]
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+class _UsesK:
+    """``arch in TOPK_FAMILY``: the registered class declares ``uses_k``."""
+
+    def __contains__(self, arch: object) -> bool:
+        return arch in _SAE_ARCHS and bool(_SAE_ARCHS[arch].uses_k)
+
+
+TOPK_FAMILY = _UsesK()
 
 
 def _open_store(path: str):
@@ -32,19 +52,6 @@ def _open_store(path: str):
     if not path:
         raise WorkbenchError("give an activation store folder (made by `workbench collect`)")
     return ActivationStore.open(path)
-
-
-def _pick_hook(store, hook: str, hint: str | None = None) -> str:
-    hooks = list(store.hooks)
-    if hook:
-        if hook not in hooks:
-            raise WorkbenchError(f"hook {hook!r} is not in store {store.path}; closest: {closest(hook, hooks)}")
-        return hook
-    if hint and hint in hooks:
-        return hint
-    if len(hooks) == 1:
-        return hooks[0]
-    raise WorkbenchError(f"store {store.path} has several hooks; pick one with --hook: {', '.join(hooks)}")
 
 
 def _load_sae(path: str, device: str = "cpu"):
@@ -73,8 +80,9 @@ def _store_meta(store, hook: str) -> dict[str, Any]:
 
 @dataclass
 class TrainSAEConfig:
-    store: str = field(metadata=arg("activation store folder", positional=True))
-    hook: str = field(default="", metadata=arg("hook to train on (default: the store's only hook)"))
+    store: str = field(metadata=arg("activation store folder", positional=True, role="store"))
+    hook: str = field(default="", metadata=arg("hook to train on (default: the store's only hook)",
+                                               role="hook"))
     arch: str = field(default="topk", metadata=arg("SAE architecture", choices=ARCH_CHOICES))
     d_sae: int = field(default=0, metadata=arg("number of latents (default 8 x d_in)"))
     k: int = field(default=32, metadata=arg("active latents per token (topk, batchtopk, matryoshka)"))
@@ -83,20 +91,25 @@ class TrainSAEConfig:
     lr: float = field(default=0.0, metadata=arg("learning rate (default 2e-4 / sqrt(d_sae / 2^14))"))
     seed: int = field(default=0, metadata=arg("random seed (init and data order)"))
     device: str = field(default="auto", metadata=arg("cpu, cuda, cuda:1, ... or auto"))
-    out: str = field(default="", metadata=arg("SAE folder to write (default: WORKSPACE/saes/ARCH-HOOK-D_SAE)"))
+    out: str = field(default="", metadata=arg("SAE folder to write (default: WORKSPACE/saes/ARCH-HOOK-D_SAE)",
+                                                     role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing SAE at --out"))
-    eval_tokens: int = field(default=50_000, metadata=arg("store rows to evaluate on at the end (0: skip)"))
+    eval_tokens: int = field(default=50_000, metadata=arg("held-out rows to evaluate on at the end (0: skip)"))
+    holdout: float = field(default=0.05, metadata=arg(
+        "fraction of the store's documents held out of training and evaluated on (0: none, in-sample eval)"))
+    holdout_seed: int = field(default=0, metadata=arg("seed of the held-out document choice"))
     l1_coef: float = field(default=0.0, metadata=arg("relu: L1 coefficient (default 3e-2)"))
     l0_coef: float = field(default=0.0, metadata=arg("jumprelu: L0 coefficient (default 1e-2)"))
     checkpoint_every: int = field(default=0, metadata=arg("steps between checkpoints (default: ~10 per run)"))
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
 
-@register("train_sae", TrainSAEConfig, help="train a sparse autoencoder on one hook of a store")
+@register("train_sae", TrainSAEConfig, help="train a sparse autoencoder on one hook of a store",
+          produces="sae")
 def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     from analyses.sae import SAETrainingError, evaluate_sae, train_sae
     store = _open_store(cfg.store)
-    hook = _pick_hook(store, cfg.hook)
+    hook = pick_hook(store, cfg.hook)
     d_in = store.d(hook)
     d_sae = cfg.d_sae or 8 * d_in
     if cfg.arch not in ARCH_CHOICES:
@@ -118,112 +131,78 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
         arch_cfg["l0_coef"] = cfg.l0_coef
     seed = int(cfg.seed)
     bs = int(cfg.batch_size)
+    from ._sae_eval import best_density, split_meta
+    sp = store.split(cfg.holdout, cfg.holdout_seed)
+    held = sp.heldout_rows.numel() > 0
+    train_rows = sp.train_rows if held else None
+    meta = {**_store_meta(store, hook), "workbench": {"split": split_meta(store, sp)}}
 
     def source(epoch: int):
-        return store.batches(hook, bs, shuffle=True, seed=seed * 1000 + epoch)
+        return store.batches(hook, bs, shuffle=True, seed=seed * 1000 + epoch, rows=train_rows)
 
     try:
-        sae = train_sae(source, arch=cfg.arch, d_sae=d_sae, k=k, n_tokens=cfg.n_tokens or store.n_rows,
+        sae = train_sae(source, arch=cfg.arch, d_sae=d_sae, k=k, n_tokens=cfg.n_tokens or sp.train_rows.numel(),
                         batch_size=bs, lr=cfg.lr or None, seed=seed, device=cfg.device,
                         checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every or None,
-                        progress=cfg.progress, metadata=_store_meta(store, hook), **arch_cfg)
+                        progress=progress_stream() if cfg.progress else False, metadata=meta, **arch_cfg)
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
     metrics: dict[str, float] = {}
-    wb = sae.cfg.metadata.get("workbench", {})
+    wb = sae.cfg.metadata.setdefault("workbench", {})
+    wb.setdefault("split", meta["workbench"]["split"])
     for key in ("fvu", "l0", "dead_fraction"):
         if isinstance(wb.get(key), (int, float)) and math.isfinite(wb[key]):
             metrics[f"train_{key}"] = float(wb[key])
+    split = "held_out" if held else "in_sample"
+    note = (f"held-out {sp.unit}s of the store ({cfg.holdout:.0%})" + (f"; {sp.note}" if sp.note else "")
+            if held else "--holdout 0: evaluated on the training rows (in-sample)")
     ev = None
     if cfg.eval_tokens > 0:
-        ev = evaluate_sae(sae, store.batches(hook, 4096, shuffle=True, seed=10_007 + seed),
+        ev = evaluate_sae(sae, store.batches(hook, 4096, shuffle=True, seed=10_007 + seed,
+                                             rows=sp.heldout_rows if held else None),
                           max_tokens=cfg.eval_tokens, device=sae.device)
-        sae.sparsity = ev["log10_density"]
-        wb["eval"] = {kk: v for kk, v in ev.items() if isinstance(v, (int, float))}
-        for key in ("fvu", "explained_variance", "l0", "dead_fraction", "cosine", "mse"):
+        wb["eval"] = {**{kk: v for kk, v in ev.items() if isinstance(v, (int, float))}, "split": split}
+        for key in ("fvu", "explained_variance", "explained_variance_around_zero", "l0", "cosine", "mse"):
             metrics[key] = float(ev[key])
+        metrics["eval_tokens"] = float(ev["n_tokens"])
+    dens = best_density(sae, ev, split)     # the trainer's counts unless the eval saw more tokens
+    if dens:
+        metrics["dead_fraction"] = dens["best"]["dead_fraction"]
+        metrics["dead_fraction_tokens"] = float(dens["best"]["n_tokens"])
     sae.to("cpu")
     if ev is not None:
-        _write_eval(out / "eval", ev, sae_path=str(out), store=str(store.path), hook=hook, ce=None)
+        write_eval(out / "eval", ev, sae_path=str(out), store=str(store.path), hook=hook, split=split,
+                   split_note=note, split_info=wb["split"], density=dens, ce=None,
+                   ce_reason="train-sae does not splice (run eval-sae)")
     sae.save(out)            # cfg.json last: the folder is complete from here on
     shutil.rmtree(ckpt, ignore_errors=True)
     return StepResult(
         summary={"sae": str(out), "arch": cfg.arch, "hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k,
-                 "n_tokens": wb.get("n_tokens")},
+                 "n_tokens": wb.get("n_tokens"), "split": split, "split_note": note,
+                 "n_train_rows": int(sp.train_rows.numel()), "n_heldout_rows": int(sp.heldout_rows.numel()),
+                 "density": (dens or {}).get("best")},
         metrics=metrics, artifacts={"sae": str(out), **({"eval": str(out / "eval")} if ev is not None else {})})
 
 
 # --------------------------------------------------------------------------------------------- eval
 
-def _write_eval(out: Path, ev: dict[str, Any], *, sae_path: str, store: str, hook: str,
-                ce: dict[str, Any] | None, ce_reason: str = "") -> Path:
-    from ..results import write_result
-    figures = {}
-    try:
-        import plotly.graph_objects as go
-        h = ev["density_histogram"]
-        centres = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:])]
-        fig = go.Figure(go.Bar(x=centres, y=h["counts"], width=(h["edges"][1] - h["edges"][0])))
-        fig.update_layout(title=f"latent density (log10 firing rate), L0={ev['l0']:.1f}, "
-                                f"dead={100 * ev['dead_fraction']:.1f}%",
-                          xaxis_title="log10 density", yaxis_title="latents")
-        figures["density_histogram"] = fig
-    except ImportError:  # pragma: no cover
-        pass
-    metrics = {kk: v for kk, v in ev.items() if isinstance(v, (int, float))}
-    data = {"sae": sae_path, "store": store, "hook": hook, "metrics": metrics,
-            "density_histogram": ev["density_histogram"], "ce": ce, "ce_reason": ce_reason}
-    out.mkdir(parents=True, exist_ok=True)
-    return write_result(out, "sae_eval", data, tensors={"log10_density": ev["log10_density"]}, figures=figures)
-
-
 @dataclass
 class EvalSAEConfig:
-    sae: str = field(metadata=arg("SAE folder (SAELens or sparsify format)", positional=True))
-    store: str = field(metadata=arg("activation store folder", positional=True))
-    hook: str = field(default="", metadata=arg("hook (default: the SAE's hook_name, or the store's only hook)"))
+    sae: str = field(metadata=arg("SAE folder (SAELens or sparsify format)", positional=True, role="sae"))
+    store: str = field(metadata=arg("activation store folder", positional=True, role="store"))
+    hook: str = field(default="", metadata=arg("hook (default: the SAE's hook_name, or the store's only hook)",
+                                               role="hook"))
+    split: str = field(default="auto", metadata=arg(
+        "rows to evaluate: auto (the SAE's held-out rows of its own training store; all rows of another "
+        "store), held_out, train (in-sample), all", choices=SPLIT_CHOICES))
     max_tokens: int = field(default=100_000, metadata=arg("store rows to evaluate on"))
-    ce_sequences: int = field(default=16, metadata=arg(
-        "sequences for the spliced CE loss (causal models only; 0: skip)"))
+    ce_sequences: int = field(default=CE_SEQUENCES, metadata=arg(
+        "sequences (of the evaluated split) for the spliced CE loss (causal models only; 0: skip)"))
     batch_size: int = field(default=4096, metadata=arg("rows per batch"))
     device: str = field(default="auto", metadata=arg("cpu, cuda, ... or auto"))
-    out: str = field(default="", metadata=arg("result folder (default: WORKSPACE/results/eval-SAE)"))
+    out: str = field(default="", metadata=arg("result folder (default: WORKSPACE/results/eval-SAE)",
+                                                     role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing result at --out"))
-
-
-def _ce_metrics(sae, store, hook: str, n_seq: int, device) -> tuple[dict | None, str]:
-    if n_seq <= 0:
-        return None, "ce_sequences=0"
-    try:
-        from ..splice import splice_eval
-    except ImportError as e:
-        return None, f"workbench.splice unavailable ({e})"
-    spec = store.manifest.get("model")
-    try:
-        from ..models import load_model
-        model = load_model(spec, device=str(device))
-    except Exception as e:  # noqa: BLE001 - any failure to get the model just skips CE
-        return None, f"model {spec!r} not loadable here: {e}"
-    if getattr(model, "kind", "causal") != "causal":
-        return None, f"model {spec!r} is not causal"
-    seqs = store.sequences()
-    ids = seqs["token_ids"][:n_seq]
-    mask = seqs["attention_mask"][:n_seq]
-    sae = sae.to(model.device)
-
-    def reconstruct(act):
-        return sae(act.to(sae.dtype)).to(act.dtype)
-
-    # splice where the store has rows (what the SAE was trained on): special tokens the collector
-    # excluded (e.g. the prepended BOS, an attention sink) keep their own activations, as SAELens'
-    # exclude_special_tokens_from_reconstruction
-    import torch
-    excluded = (store.manifest.get("special_tokens") or {}).get("excluded_ids") or []
-    where = mask & ~torch.isin(ids, torch.tensor(excluded, dtype=ids.dtype)) if excluded else None
-    res = splice_eval(model, hook, reconstruct, ids, mask, splice_mask=where)
-    out = {kk: float(v) for kk, v in res.items() if isinstance(v, (int, float))}
-    out["n_spliced"] = float(int(where.sum()) if where is not None else int(mask.sum()))
-    return out, ""
 
 
 @register("eval_sae", EvalSAEConfig, help="evaluate an SAE on a store: L0, FVU, density, CE loss recovered")
@@ -233,7 +212,7 @@ def eval_sae_step(cfg: EvalSAEConfig) -> StepResult:
     from ..results import prepare_out
     sae = _load_sae(cfg.sae)
     store = _open_store(cfg.store)
-    hook = _pick_hook(store, cfg.hook, hint=sae.cfg.metadata.get("hook_name"))
+    hook = pick_hook(store, cfg.hook, hint=sae.cfg.metadata.get("hook_name"))
     if store.d(hook) != sae.cfg.d_in:
         raise WorkbenchError(f"hook {hook} has d={store.d(hook)} (activations [n, {store.d(hook)}]) but the SAE "
                              f"expects d_in={sae.cfg.d_in} (W_enc {tuple(sae.W_enc.shape)})")
@@ -242,14 +221,24 @@ def eval_sae_step(cfg: EvalSAEConfig) -> StepResult:
     name = Path(cfg.sae).name
     out = default_out(cfg.out, cfg.store, "results", f"eval-{name}")
     out = prepare_out(out, cfg.overwrite, "result")
-    ev = evaluate_sae(sae, store.batches(hook, cfg.batch_size, shuffle=True, seed=10_007),
+    er = eval_rows(sae, store, cfg.split)
+    ev = evaluate_sae(sae, store.batches(hook, cfg.batch_size, shuffle=True, seed=10_007, rows=er.rows),
                       max_tokens=cfg.max_tokens, device=dev)
-    ce, reason = _ce_metrics(sae, store, hook, cfg.ce_sequences, dev)
-    _write_eval(out, ev, sae_path=str(cfg.sae), store=str(store.path), hook=hook, ce=ce, ce_reason=reason)
+    dens = {"this_evaluation": density_block(ev["log10_density"], int(ev["n_tokens"]), er.split, "evaluation pass")}
+    recorded = (sae.cfg.metadata.get("workbench") or {}).get("density")
+    if recorded:
+        dens["sae_sparsity"] = recorded      # the estimate saved with the SAE (sparsity.safetensors)
+    ce, reason, ce_tensors = ce_metrics(sae, store, hook, cfg.ce_sequences, dev, seqs=er.seqs)
+    write_eval(out, ev, sae_path=str(cfg.sae), store=str(store.path), hook=hook, split=er.split,
+               split_note=er.note, split_info=er.info, density=dens, ce=ce, ce_reason=reason,
+               ce_tensors=ce_tensors)
     metrics = {kk: float(v) for kk, v in ev.items() if isinstance(v, (int, float))}
+    metrics["dead_fraction_tokens"] = float(ev["n_tokens"])
     if ce:
-        metrics.update({f"ce_{kk}" if not kk.startswith("ce_") else kk: v for kk, v in ce.items()})
-    return StepResult(summary={"result": str(out), "sae": str(cfg.sae), "hook": hook, "ce_reason": reason},
+        metrics.update({f"ce_{kk}" if not kk.startswith("ce_") else kk: float(v) for kk, v in ce.items()
+                        if isinstance(v, (int, float))})
+    return StepResult(summary={"result": str(out), "sae": str(cfg.sae), "hook": hook, "split": er.split,
+                               "split_note": er.note, "ce_reason": reason},
                       metrics=metrics, artifacts={"result": str(out)})
 
 
@@ -257,13 +246,14 @@ def eval_sae_step(cfg: EvalSAEConfig) -> StepResult:
 
 @dataclass
 class ExportSAEConfig:
-    sae: str = field(metadata=arg("SAE folder to export", positional=True))
+    sae: str = field(metadata=arg("SAE folder to export", positional=True, role="sae"))
     format: str = field(default="saelens", metadata=arg("target format", choices=FORMAT_CHOICES))
-    out: str = field(default="", metadata=arg("output folder (required)"))
+    out: str = field(default="", metadata=arg("output folder (required)", role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace a non-empty --out"))
 
 
-@register("export_sae", ExportSAEConfig, help="export an SAE as saelens, sparsify or a neuronpedia bundle")
+@register("export_sae", ExportSAEConfig, help="export an SAE as saelens, sparsify or a neuronpedia bundle",
+          produces="export")
 def export_sae_step(cfg: ExportSAEConfig) -> StepResult:
     from analyses.sae import export_sae
     if not cfg.out:
@@ -273,14 +263,53 @@ def export_sae_step(cfg: ExportSAEConfig) -> StepResult:
     from ..results import prepare_out, write_result
     sae = _load_sae(cfg.sae)
     out = prepare_out(cfg.out, cfg.overwrite, f"{cfg.format} export")
+    extra: dict[str, Any] = {}
+    model_type = None
+    if cfg.format == "sparsify":
+        # the folder is the HF module path sparsify hooks (layers.6), which depends on the model family
+        from analyses.sae.sparsify import sparsify_hookpoint
+        from ..models import hf_model_type
+        spec = sae.cfg.metadata.get("model_name")
+        model_type = (hf_model_type(spec) or "unknown") if spec else None
+        hook = sae.cfg.metadata.get("hook_name")
+        hp = sparsify_hookpoint(hook, model_type) if hook else None
+        extra = {"model_type": model_type, "hook_name": hook, "hookpoint": hp}
+        if hp is None:
+            extra["note"] = (f"no module of {spec or 'the model'} ({model_type or 'type unknown'}) outputs "
+                             f"{hook!r}: the folder is named by the TransformerLens hook; sparsify's "
+                             "load_many / hookpoint matching will not find it on the model")
+            import logging
+            logging.getLogger(__name__).warning("sparsify export: %s", extra["note"])
     try:
-        path = export_sae(sae, cfg.format, out, overwrite=True)
+        path = export_sae(sae, cfg.format, out, overwrite=True, model_type=model_type)
     except ValueError as e:
         raise WorkbenchError(str(e)) from None
     files = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*")
                    if p.is_file() and not p.name.startswith("."))
     # result.json last: marks the export complete (sweeps skip it, the UI lists it)
     write_result(path, "export", {"format": cfg.format, "sae": str(cfg.sae), "arch": sae.arch,
-                                  "files": files})
-    return StepResult(summary={"out": str(path), "format": cfg.format, "arch": sae.arch},
+                                  "files": files, **extra})
+    return StepResult(summary={"out": str(path), "format": cfg.format, "arch": sae.arch, **extra},
                       artifacts={"export": str(path)})
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The result.json an ``export_sae`` folder ends with (read by ``read_export_result``)."""
+    path: Path
+    format: str
+    sae: str
+    arch: str
+    files: list[str]
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)   # + hookpoint / note for sparsify
+
+
+def read_export_result(path: str | Path) -> ExportResult:
+    """The one reader of an export folder's result.json (WorkbenchError for a missing one or another kind)."""
+    from ..results import read_result
+    m = read_result(path, "export")
+    try:
+        return ExportResult(path=Path(path), format=m["format"], sae=m["sae"], arch=m["arch"],
+                            files=list(m["files"]), meta=m)
+    except KeyError as e:
+        raise WorkbenchError(f"{path}: the export result has no {e.args[0]!r}; rerun export-sae") from None

@@ -56,9 +56,13 @@ not step options:
 
 Fields that wire the DAG are set by the sweep and may not be given: collect `model`, `hooks`,
 `out`; pca/train_sae `store`, `hook`, `out`; eval_sae/features `sae`, `store`, `hook`;
-compare `store_a`, `store_b`, `hooks_a`, `hooks_b`. Which step plays which part is read from its
-config fields (`store`+`hook`: per hook; `store`: per model; `sae`: per SAE; `store_a`: pairs),
-so any registered step can appear as a table.
+compare `store_a`, `store_b`, `hooks_a`, `hooks_b`. Which step plays which part is read from the
+ROLES its config fields declare (``arg(..., role=...)``, never the field names): a `store` and a
+`hook` input: per hook; a `store` only: per model; an `sae`: per SAE; a `store_b`: pairs; the
+step that produces a store from a `model`: the source. Steps that produce an SAE feed the per-SAE
+ones. So any registered step can appear as a table. Outputs go to the folder of what the step
+produces (``workbench.steps.output_dir``: stores/, saes/, results/, exports/), as from the CLI
+and the UI.
 
 Hook patterns are resolved at PLAN time with ``workbench.models.load_model(spec).resolve_hooks``
 on the CPU (so a bad hook is reported before any work starts, and `--dry-run` shows the exact

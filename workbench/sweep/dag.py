@@ -10,18 +10,18 @@ Status of a node, decided against the workspace (index + disk):
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hooks import select_hooks
+from ..results import is_complete
 from ..workspace import Workspace, config_hash
-from .spec import ROLES, ModelEntry, SweepError, SweepSpec, StepEntry, _slug, step_fields
+from .spec import (ModelEntry, StepEntry, SweepError, SweepSpec, _slug, field_for, field_roles,
+                   sae_steps, source_step)
 
-COMPLETE_MARKERS = ("manifest.json", "cfg.json", "result.json")
-PATH_FIELDS = ("out", "store", "sae", "store_a", "store_b")
+PATH_ROLES = ("out", "store", "store_b", "sae", "result")    # made relative to the workspace
 NON_IDENTITY = ("out", "overwrite", "workspace", "progress")   # do not change results
 HOOK_CACHE = "sweep-hooks.json"
 
@@ -55,19 +55,9 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- hooks
-def _expand_braces(p: str) -> list[str]:
-    m = re.search(r"\{([^{}]*)\}", p)
-    if not m:
-        return [p]
-    out = []
-    for alt in m.group(1).split(","):
-        out += _expand_braces(p[:m.start()] + alt.strip() + p[m.end():])
-    return out
-
-
 def match_hooks(hooks: list[str], patterns: list[str]) -> list[str]:
-    pats = [q for p in patterns for q in _expand_braces(p)]
-    return [h for h in hooks if any(fnmatch.fnmatchcase(h, q) for q in pats)]
+    """The collected hooks a step table's `hooks = [...]` selects (in collection order)."""
+    return select_hooks(hooks, patterns, strict=False, keep_order=True)
 
 
 def _cache_file() -> Path:
@@ -128,21 +118,20 @@ def resolve_hooks(spec: SweepSpec) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- identity
-def _norm_config(ws: Workspace, cfg: dict[str, Any]) -> str:
+def _path_fields(step: str) -> set[str]:
+    from ..steps import STEPS
+    if step not in STEPS:          # a run of a step this process does not know: compare verbatim
+        return set()
+    return {name for name, r in field_roles(step).items() if r in PATH_ROLES}
+
+
+def _norm_config(ws: Workspace, step: str, cfg: dict[str, Any]) -> str:
     """Index lookup key: the config with its paths relative to the workspace."""
     d = dict(cfg)
-    for k in PATH_FIELDS:
+    for k in _path_fields(step):
         if isinstance(d.get(k), str) and d[k]:
             d[k] = ws.rel(d[k])
     return json.dumps(d, sort_keys=True, default=str)
-
-
-def is_complete(out: str | None) -> bool:
-    return out is not None and any((Path(out) / f).is_file() for f in COMPLETE_MARKERS)
-
-
-def _subdir(step: str) -> str:
-    return "stores" if step == ROLES['source'] else "saes" if step in ROLES['sae'] else "results"
 
 
 def _short_hook(h: str) -> str:
@@ -156,28 +145,38 @@ class _Builder:
         self.spec, self.ws, self.hooks = spec, ws, hooks
         self.nodes: dict[str, Node] = {}
 
-    def add(self, key: str, step: str, opts: dict[str, Any], inputs: dict[str, Node],
-            label: str, labels: dict[str, Any]) -> Node:
-        fields, _ = step_fields(step)
+    def add(self, key: str, step: str, wired: dict[str, Any], opts: dict[str, Any],
+            inputs: dict[str, Node], label: str, labels: dict[str, Any]) -> Node:
+        """`wired`: role -> value (hook, hooks, model, ...); `inputs`: role -> the node making it.
+        Both land in the fields declared with that role, whatever they are named."""
+        from ..steps import output_dir
+
+        def fk(role: str) -> str:
+            name = field_for(step, role)
+            if name is None:     # part_of() guarantees the roles a part needs: a bug if missing
+                raise RuntimeError(f"step {step!r} declares no field with role {role!r}")
+            return name
         cfg = dict(opts)
-        for fk, dep in inputs.items():
-            cfg[fk] = dep.out
-        ident_cfg = {k: v for k, v in cfg.items() if k not in NON_IDENTITY}
-        for fk, dep in inputs.items():
-            ident_cfg[fk] = f"node:{dep.identity}"
+        cfg.update({fk(r): v for r, v in wired.items()})
+        cfg.update({fk(r): dep.out for r, dep in inputs.items()})
+        in_fields = {fk(r) for r in inputs}
+        out_field = field_for(step, "out")
+        ident_cfg = {k: v for k, v in cfg.items() if k not in NON_IDENTITY and k != out_field}
+        for r, dep in inputs.items():
+            ident_cfg[fk(r)] = f"node:{dep.identity}"
         # defaults count too: the identity is of the full config
         probe = dict(cfg)
-        if "out" in fields:
-            probe["out"] = "placeholder"
+        if out_field:
+            probe[out_field] = "placeholder"
         full = self._dict(self._make(step, probe))
         for k, v in full.items():
-            if k not in NON_IDENTITY and k not in inputs:
+            if k not in NON_IDENTITY and k != out_field and k not in in_fields:
                 ident_cfg[k] = v
         identity = config_hash(step, ident_cfg)
         out = None
-        if "out" in fields:
-            out = str(self.ws.root / _subdir(step) / f"{_slug(label, 80)}-{identity}")
-            cfg["out"] = out
+        if out_field:
+            out = str(self.ws.root / output_dir(step) / f"{_slug(label, 80)}-{identity}")
+            cfg[out_field] = out
         config = self._dict(self._make(step, cfg))
         if key in self.nodes:
             raise SweepError(f"two steps of the sweep are the same ({key}); remove the duplicate")
@@ -214,12 +213,13 @@ def plan(spec_or_config: Any, workspace: str | Path | Workspace | None = None, *
 
 def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
     b = _Builder(spec, ws, hooks)
+    src = source_step()
     stores: dict[str, Node] = {}
     for m in spec.models:
-        stores[m.name] = b.add(f"{ROLES['source']}/{m.name}", ROLES['source'],
-                               {**m.collect, "model": m.spec, "hooks": hooks[m.name]}, {},
-                               m.name, {"model": m.name})
-    fields_of = {e.step: step_fields(e.step)[0] for e in spec.steps}
+        stores[m.name] = b.add(f"{src}/{m.name}", src, {"model": m.spec, "hooks": hooks[m.name]},
+                               m.collect, {}, m.name, {"model": m.name})
+    roles_of = {e.step: set(field_roles(e.step).values()) for e in spec.steps}
+    sae_makers = sae_steps()
     saes: list[Node] = []
 
     def models_for(e: StepEntry) -> list[str]:
@@ -242,40 +242,38 @@ def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
             for var in e.variants:
                 vl = _variant_label(e, var)
                 if e.role == "per_model":
-                    opts = dict(var)
-                    if "hooks" in fields_of[e.step]:
-                        opts["hooks"] = hooks_for(e, m)
+                    wired = {"hooks": hooks_for(e, m)} if "hooks" in roles_of[e.step] else {}
                     key = f"{e.step}/{m}" + (f"/{vl}" if vl else "")
-                    b.add(key, e.step, opts, {"store": stores[m]}, f"{e.step}-{m}-{vl}",
+                    b.add(key, e.step, wired, var, {"store": stores[m]}, f"{e.step}-{m}-{vl}",
                           {"model": m, **var})
                     continue
                 for h in hooks_for(e, m):
                     key = f"{e.step}/{m}/{h}" + (f"/{vl}" if vl else "")
-                    node = b.add(key, e.step, {**var, "hook": h}, {"store": stores[m]},
+                    node = b.add(key, e.step, {"hook": h}, var, {"store": stores[m]},
                                  f"{e.step}-{m}-{_short_hook(h)}-{vl}", {"model": m, "hook": h, **var})
-                    if e.step in ROLES['sae']:
+                    if e.step in sae_makers:
                         saes.append(node)
     for e in [e for e in spec.steps if e.role == "per_sae"]:
         ms = models_for(e)
         check_hooks(e, ms)
-        f = fields_of[e.step]
+        roles = roles_of[e.step]
         for sae in saes:
             m, h = sae.labels["model"], sae.labels["hook"]
             if m not in ms or (e.hooks is not None and not match_hooks([h], e.hooks)):
                 continue
             for var in e.variants:
                 vl = _variant_label(e, var)
-                opts = dict(var)
-                if "hook" in f:
-                    opts["hook"] = h
+                wired = {"hook": h} if "hook" in roles else {}
                 inputs = {"sae": sae}
-                if "store" in f:
+                if "store" in roles:
                     inputs["store"] = stores[m]
                 key = f"{e.step}/{sae.key.split('/', 1)[1]}" + (f"/{vl}" if vl else "")
-                b.add(key, e.step, opts, inputs, f"{e.step}-{m}-{_short_hook(h)}-{sae.identity[:6]}-{vl}",
+                b.add(key, e.step, wired, var, inputs,
+                      f"{e.step}-{m}-{_short_hook(h)}-{sae.identity[:6]}-{vl}",
                       {**sae.labels, "sae": sae.key, **var})
+    refused: list[str] = []
     for e in [e for e in spec.steps if e.role == "pair"]:
-        f = fields_of[e.step]
+        roles = roles_of[e.step]
         pairs: list[tuple[str, str]] = []
         if e.within:
             pool = e.within if isinstance(e.within, list) else models_for(e)
@@ -285,17 +283,37 @@ def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
         for a, c in pairs:
             for var in e.variants:
                 vl = _variant_label(e, var)
-                opts = dict(var)
-                if "hooks_a" in f:
-                    opts["hooks_a"] = hooks_for(e, a)
-                if "hooks_b" in f:
-                    opts["hooks_b"] = hooks_for(e, c)
-                inputs = {"store_a": stores[a], "store_b": stores[c]}
+                wired = {}
+                if "hooks" in roles:
+                    wired["hooks"] = hooks_for(e, a)
+                if "hooks_b" in roles:
+                    wired["hooks_b"] = hooks_for(e, c)
+                inputs = {"store": stores[a], "store_b": stores[c]}
                 pair = a if a == c else f"{a}-vs-{c}"
+                problem = _sweep_check(spec, e.step, var, a, c)
+                if problem:
+                    refused.append(f"{e.where} ({pair}{', ' + vl if vl else ''}): {problem}")
                 key = f"{e.step}/{pair}" + (f"/{vl}" if vl else "")
-                b.add(key, e.step, opts, inputs, f"{e.step}-{pair}-{vl}",
+                b.add(key, e.step, wired, var, inputs, f"{e.step}-{pair}-{vl}",
                       {"model": a, "model_b": c, **var})
+    if refused:
+        raise SweepError(f"{spec.source}: refused before anything runs:\n  " + "\n  ".join(refused))
     return Plan(spec, ws, b.nodes)
+
+
+def _sweep_check(spec: SweepSpec, step: str, opts: dict[str, Any], a: str, c: str) -> str | None:
+    """A step config class may carry ``sweep_check(opts, source_a, source_b, same_source)`` (e.g.
+    compare: enough documents / rows for the metric); it sees the collect options of both stores
+    with the collect defaults filled in."""
+    import dataclasses
+    from ..steps import STEPS
+    check = getattr(STEPS[step].config_cls, "sweep_check", None)
+    if check is None:
+        return None
+    src_cls = STEPS[source_step()].config_cls
+    defaults = {f.name: f.default for f in dataclasses.fields(src_cls) if f.default is not dataclasses.MISSING}
+    models = {m.name: m for m in spec.models}
+    return check(dict(opts), {**defaults, **models[a].collect}, {**defaults, **models[c].collect}, a == c)
 
 
 def refresh_status(p: Plan) -> None:
@@ -304,22 +322,22 @@ def refresh_status(p: Plan) -> None:
     last: dict[tuple[str, str], str] = {}
     if (ws.root / "workbench.db").exists():
         for r in ws.runs():                # newest first
-            key = (r.step, _norm_config(ws, r.config))
+            key = (r.step, _norm_config(ws, r.step, r.config))
             last.setdefault(key, r.status)
             if r.status == "done":
                 done.setdefault(key, r.id)
     for n in p.nodes.values():
-        run_id = done.get((n.step, _norm_config(ws, n.config)))
+        run_id = done.get((n.step, _norm_config(ws, n.step, n.config)))
         complete = is_complete(n.out) if n.out is not None else run_id is not None
         if run_id and complete:
             n.status, n.run_id = "done", run_id
         elif complete or (n.out and Path(n.out).exists()) or run_id:
             n.status, n.run_id = "redo", None
-        elif last.get((n.step, _norm_config(ws, n.config))) == "failed":
+        elif last.get((n.step, _norm_config(ws, n.step, n.config))) == "failed":
             n.status, n.run_id = "failed", None      # will be tried again
         else:
             n.status, n.run_id = "pending", None
 
 
 def node_index_key(ws: Workspace, n: Node) -> tuple[str, str]:
-    return n.step, _norm_config(ws, n.config)
+    return n.step, _norm_config(ws, n.step, n.config)

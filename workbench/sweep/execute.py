@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..workspace import Workspace
-from .dag import Node, Plan, is_complete, node_index_key, plan as make_plan
+from ..results import is_complete
+from .dag import Node, Plan, node_index_key, plan as make_plan
 from .spec import SweepError, SweepSpec, load
 
 Outcome = dict[str, Any]   # {"outcome", "run_id", "seconds", "error"}
@@ -37,7 +38,7 @@ def _prepare(p: Plan, n: Node, t_start: float) -> None:
     key = node_index_key(ws, n)
     from .dag import _norm_config
     for r in ws.runs(step=n.step, status="running"):
-        if r.started < t_start and (r.step, _norm_config(ws, r.config)) == key:
+        if r.started < t_start and (r.step, _norm_config(ws, r.step, r.config)) == key:
             ws.finish_run(r, "failed", error="interrupted (the process stopped before the step "
                                              "finished); redone by sweep " + p.spec.name)
     if n.out and is_complete(n.out):
@@ -49,7 +50,7 @@ def _latest_run_id(p: Plan, n: Node) -> str | None:
     key = node_index_key(ws, n)
     from .dag import _norm_config
     for r in ws.runs(step=n.step):
-        if (r.step, _norm_config(ws, r.config)) == key:
+        if (r.step, _norm_config(ws, r.step, r.config)) == key:
             return r.id
     return None
 

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import itertools
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,24 +23,23 @@ try:
 except ImportError:          # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-# The only step names the DAG knows: the step that turns (model, hooks, corpus) into a store, and
-# the per-hook steps whose output is an SAE (consumed by steps with a `sae` field). Everything else
-# is read from the config fields. (A dict so tests can point it at test-only steps.)
-ROLES = {"source": "collect", "sae": ("train_sae",)}
-
 SWEEP_KEYS = {"name", "workspace", "executor", "ray_address", "imports", "resources", "description"}
 MODEL_KEYS = {"spec", "name", "hooks"}
 EXECUTORS = ("local", "ray")
 SELECT_KEYS = {"models", "hooks"}
 PAIR_KEYS = {"within", "across"}
-# config fields the sweep fills in, by role; a user may not set them
+# The part a step plays in a sweep, from its fields' declared roles (workbench.steps.ROLES) and
+# what it produces (see part_of), and the field roles the sweep fills in for each part: a user may
+# not set those, whatever the fields are named.
 WIRED = {
     "source": {"model", "hooks", "out"},
     "per_hook": {"store", "hook", "out"},
     "per_model": {"store", "hooks", "out"},
     "per_sae": {"sae", "store", "hook", "out"},
-    "pair": {"store_a", "store_b", "hooks_a", "hooks_b", "out"},
+    "pair": {"store", "store_b", "hooks", "hooks_b", "out"},
 }
+_WIRED_HINT = {"hook": "select hooks with hooks = [...]", "hooks": "hooks are set per model in [[models]]",
+               "model": "models are set in [[models]]"}
 
 
 class SweepError(WorkbenchError):
@@ -133,14 +131,9 @@ def _label(table: str, key: str | None = None, index: int | None = None) -> str:
 
 # --------------------------------------------------------------------------- types
 def _unwrap(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _unwrap(args[0]) if args else (Any, False)
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return inner, True
-    return tp, False
+    from ..steps import unwrap_type
+    base, is_list, _ = unwrap_type(tp)
+    return base, is_list
 
 
 def _scalar_ok(v: Any, base) -> bool:
@@ -169,19 +162,52 @@ def step_fields(step: str) -> tuple[dict[str, dataclasses.Field], dict[str, Any]
     return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
 
 
-def role_of(step: str) -> str | None:
-    if step == ROLES['source']:
+def field_roles(step: str) -> dict[str, str]:
+    """field name -> declared role, for the fields of `step` that have one."""
+    from ..steps import STEPS, role_of
+    return {f.name: r for f in dataclasses.fields(STEPS[step].config_cls) if (r := role_of(f))}
+
+
+def field_for(step: str, role: str) -> str | None:
+    from ..steps import STEPS, field_for as _ff
+    return _ff(STEPS[step].config_cls, role)
+
+
+def part_of(step: str) -> str | None:
+    """source (makes a store from a model), per_sae, pair, per_hook, per_model, or None (the step
+    takes no store or SAE, so it has no place in a sweep)."""
+    from ..steps import STEPS
+    roles = set(field_roles(step).values())
+    if STEPS[step].produces == "store" and "model" in roles:
         return "source"
-    fields, _ = step_fields(step)
-    if "sae" in fields:
+    if "sae" in roles:
         return "per_sae"
-    if "store_a" in fields:
+    if "store_b" in roles:
         return "pair"
-    if "store" in fields and "hook" in fields:
-        return "per_hook"
-    if "store" in fields:
-        return "per_model"
+    if "store" in roles:
+        return "per_hook" if "hook" in roles else "per_model"
     return None
+
+
+def wired_fields(step: str) -> set[str]:
+    """Names of the fields of `step` the sweep fills in (by role)."""
+    wired = WIRED.get(part_of(step), set())
+    return {name for name, r in field_roles(step).items() if r in wired}
+
+
+def source_step() -> str:
+    """The step that turns (model, hooks, corpus) into a store: its table is [collect] etc."""
+    from ..steps import STEPS
+    names = [n for n in STEPS if part_of(n) == "source"]
+    if not names:
+        raise SweepError("no registered step makes a store from a model (the collect step)")
+    return names[0]
+
+
+def sae_steps() -> list[str]:
+    """Per-hook steps whose output is an SAE (what steps with an `sae` input consume)."""
+    from ..steps import STEPS
+    return [n for n, st in STEPS.items() if st.produces == "sae" and part_of(n) == "per_hook"]
 
 
 def _placeholder(base, is_list):
@@ -256,9 +282,8 @@ class _Validator:
                       and all(_scalar_ok(v, float) and v >= 0 for v in res.values())):
                 self.err(f"{st}: expected {{num_cpus = N, num_gpus = N}}, got {res!r}", "sweep", "resources")
 
-        if ROLES['source'] not in steps_mod.STEPS:
-            raise SweepError(f"the {ROLES['source']!r} step is not available in this installation")
-        cfields, chints = step_fields(ROLES['source'])
+        src = source_step()
+        cfields, chints = step_fields(src)
 
         # ---- collect options shared by every model: [corpus] then [collect]
         shared: dict[str, Any] = {}
@@ -268,14 +293,14 @@ class _Validator:
             corpus = {}
         for k, v in corpus.items():
             fk = "corpus" if k == "spec" else k
-            if self._check_option(ROLES['source'], cfields, chints, fk, v, "corpus", k, grid=False):
+            if self._check_option(src, cfields, chints, fk, v, "corpus", k, grid=False):
                 shared[fk] = v
-        col = raw.get(ROLES['source'], {})
+        col = raw.get(src, {})
         if not isinstance(col, dict):
-            self.err("must be a table (one set of collect options for every model)", ROLES['source'])
+            self.err("must be a table (one set of collect options for every model)", src)
             col = {}
         for k, v in col.items():
-            if self._check_option(ROLES['source'], cfields, chints, k, v, ROLES['source'], k, grid=False):
+            if self._check_option(src, cfields, chints, k, v, src, k, grid=False):
                 shared[k] = v
 
         # ---- models
@@ -318,7 +343,7 @@ class _Validator:
             for k, v in m.items():
                 if k in MODEL_KEYS:
                     continue
-                if self._check_option(ROLES['source'], cfields, chints, k, v, "models", k, grid=False, index=i,
+                if self._check_option(src, cfields, chints, k, v, "models", k, grid=False, index=i,
                                       extra_valid=MODEL_KEYS):
                     own[k] = v
             models.append(ModelEntry(mname, spec, hooks, own, _label("models", index=i)))
@@ -327,18 +352,18 @@ class _Validator:
                 and cfields["corpus"].default_factory is dataclasses.MISSING:
             self.errors.append(f"{self.loc.source}: [corpus].spec is required (e.g. spec = \"builtin\")")
         if models:
-            self._precheck(ROLES['source'], "source", [{**models[0].collect}], ROLES['source'], None)
+            self._precheck(src, "source", [{**models[0].collect}], src, None)
 
         # ---- step tables
         entries: list[StepEntry] = []
         for table, body in raw.items():
-            if table in ("sweep", "models", "corpus", ROLES['source']):
+            if table in ("sweep", "models", "corpus", src):
                 continue
             if table not in steps_mod.STEPS:
                 valid = ["sweep", "models", "corpus", *steps_mod.STEPS]
                 self.err(f"unknown table{_didyoumean(table, valid)}; valid tables: {', '.join(valid)}", table)
                 continue
-            role = role_of(table)
+            role = part_of(table)
             if role is None or role == "source":
                 self.err(f"step {table!r} takes no store/sae input, so it cannot be part of a sweep", table)
                 continue
@@ -352,10 +377,12 @@ class _Validator:
                 if e is not None:
                     entries.append(e)
         # dependants of SAEs need an SAE producer in the sweep
-        if any(e.role == "per_sae" for e in entries) and not any(e.step in ROLES['sae'] for e in entries):
+        makers = sae_steps()
+        if any(e.role == "per_sae" for e in entries) and not any(e.step in makers for e in entries):
             for e in entries:
                 if e.role == "per_sae":
-                    self.err(f"needs SAEs, but the sweep trains none (add a [{ROLES['sae'][0]}] table)", e.step)
+                    self.err(f"needs SAEs, but the sweep trains none (add a [{makers[0] if makers else 'train_sae'}] "
+                             "table)", e.step)
         if self.errors:
             n = len(self.errors)
             raise SweepError(f"sweep has {n} problem{'s' * (n > 1)}:\n  " + "\n  ".join(self.errors))
@@ -368,15 +395,14 @@ class _Validator:
     def _check_option(self, step, fields, hints, fk, v, table, key, *, grid: bool,
                       index=None, extra_valid=()) -> bool:
         """Type/choices check of one option value (a list is a grid axis when grid=True)."""
-        role = role_of(step)
+        wired = wired_fields(step)
         if fk not in fields:
-            valid = sorted(set(fields) - WIRED.get(role, set()) | set(extra_valid))
+            valid = sorted(set(fields) - wired | set(extra_valid))
             self.err(f"{step!r} has no option {fk!r}{_didyoumean(fk, valid)}; "
                      f"valid: {', '.join(valid)}", table, key, index)
             return False
-        if fk in WIRED.get(role, set()):
-            hint = {"hook": "select hooks with hooks = [...]", "hooks": "hooks are set per model in [[models]]",
-                    "model": "models are set in [[models]]"}.get(fk, "")
+        if fk in wired:
+            hint = _WIRED_HINT.get(field_roles(step).get(fk), "")
             self.err(f"is set by the sweep (it wires steps together){'; ' + hint if hint else ''}",
                      table, key, index)
             return False
@@ -426,7 +452,7 @@ class _Validator:
                     if m not in model_names:
                         self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
                                  step, "models", idx)
-        sel_hooks = body.get("hooks") if role != "per_model" or "hooks" not in fields else None
+        sel_hooks = body.get("hooks")
         if sel_hooks is not None:
             if isinstance(sel_hooks, str):
                 sel_hooks = [sel_hooks]
@@ -460,8 +486,6 @@ class _Validator:
             else:
                 self.err('must be "all" or a list of [model_a, model_b] pairs', step, "across", idx)
         special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set())
-        if role == "per_model" and "hooks" in fields:
-            special.discard("hooks")
         axes: list[tuple[str, list[Any]]] = []
         fixed: dict[str, Any] = {}
         for k, v in body.items():
@@ -500,15 +524,15 @@ class _Validator:
         required options and whatever the config's own __post_init__ checks)."""
         from ..steps import make_config
         fields, hints = step_fields(step)
+        wired = wired_fields(step)
         for var in variants:
             vals = dict(var)
-            for fk in WIRED.get(role, ()):
-                if fk in fields:
-                    vals[fk] = _placeholder(*_unwrap(hints[fk]))
+            for fk in wired:
+                vals[fk] = _placeholder(*_unwrap(hints[fk]))
             try:
                 make_config(step, vals)
             except (WorkbenchError, ValueError, TypeError) as e:
-                what = ", ".join(f"{k}={v!r}" for k, v in var.items() if k not in WIRED.get(role, ()))
+                what = ", ".join(f"{k}={v!r}" for k, v in var.items() if k not in wired)
                 self.err(f"{e}" + (f" (for {what})" if what and len(variants) > 1 else ""), table, None, idx)
                 return
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from workbench.errors import USER_ERRORS, WorkbenchError
+from workbench.errors import BUG_HINT, WorkbenchError, is_user_error
 from workbench.ui import ENV_VAR
 from workbench.workspace import INDEX_NAME, Workspace
 
@@ -147,19 +147,18 @@ def ago(t: float | None) -> str:
 
 # ------------------------------------------------------------------ errors
 def error_message(e: BaseException) -> str:
-    if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    return str(e) or type(e).__name__
+    """The one line shown for an error: the message of a user error, the type too for a bug."""
+    if is_user_error(e):
+        return str(e) or type(e).__name__
+    return f"{type(e).__name__}: {e}"
 
 
 def show_error(e: BaseException, context: str | None = None) -> None:
     prefix = f"{context}: " if context else ""
-    if isinstance(e, USER_ERRORS):
-        st.error(prefix + error_message(e), icon=":material/error:")
-    else:
-        st.error(f"{prefix}{type(e).__name__}: {error_message(e)}", icon=":material/error:")
+    st.error(prefix + error_message(e), icon=":material/error:")
+    if not is_user_error(e):
         with st.expander("Technical details (for a bug report)"):
-            st.text(traceback.format_exc(limit=6))
+            st.text(traceback.format_exc(limit=6) + "\n" + BUG_HINT)
 
 
 def guard(fn: Callable[[], Any], context: str | None = None) -> Any:
@@ -267,10 +266,6 @@ def resolve_path(ws: Workspace | None, p: str | None) -> Path | None:
     if ws is not None and (ws.root / q).exists():
         return ws.root / q
     return q.resolve()
-
-
-def rel_name(ws: Workspace | None, p: str | os.PathLike) -> str:
-    return ws.rel(p) if ws is not None else str(p)
 
 
 # ------------------------------------------------------------------ rendering

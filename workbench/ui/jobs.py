@@ -1,6 +1,7 @@
 """Background runs for the Run page: a step started from the browser runs in a thread (via
-``workbench.steps.run_step``, which records it in the workspace index), its stderr (tqdm progress
-bars, log lines) is captured per thread, and the page polls the job for a live display.
+``workbench.steps.run_step``, which records it in the workspace index), its log records and
+progress bars are captured per thread (``workbench.logs.capture``: nothing process-wide such as
+sys.stderr is swapped), and the page polls the job for a live display.
 
 The registry is module-global, so a job survives page switches and reruns of the same server."""
 
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from workbench.errors import BUG_HINT, is_user_error
 
 _LOCK = threading.Lock()
 JOBS: dict[str, "Job"] = {}
@@ -30,7 +33,7 @@ class Job:
     status: str = "queued"            # queued | running | done | failed
     started: float = field(default_factory=time.time)
     ended: float | None = None
-    log: io.StringIO = field(default_factory=io.StringIO)
+    log: io.StringIO = field(default_factory=lambda: _BoundedLog())
     result: Any = None
     error: str | None = None
     thread: threading.Thread | None = None
@@ -53,72 +56,37 @@ class Job:
         return None if not m else min(100, int(m[-1].group(1))) / 100.0
 
 
-class _ThreadStderr:
-    """sys.stderr replacement: writes from a job's thread go to its log (and nowhere else),
-    everything else to the real stderr."""
+class _BoundedLog(io.StringIO):
+    """A job's log: keeps the last _MAX_LOG // 2 characters once it grows past _MAX_LOG."""
 
-    def __init__(self, real):
-        self._real = real
-        self._routes: dict[int, io.StringIO] = {}
+    def write(self, s: str) -> int:
+        if self.tell() > _MAX_LOG:
+            tail = self.getvalue()[-_MAX_LOG // 2:]
+            self.seek(0)
+            self.truncate()
+            super().write(tail)
+        return super().write(s)
 
-    def route(self, ident: int, buf: io.StringIO | None) -> None:
-        if buf is None:
-            self._routes.pop(ident, None)
-        else:
-            self._routes[ident] = buf
-
-    def _target(self):
-        return self._routes.get(threading.get_ident(), self._real)
-
-    def write(self, s):
-        t = self._target()
-        if t is not self._real and t.tell() > _MAX_LOG:   # keep memory bounded
-            tail = t.getvalue()[-_MAX_LOG // 2:]
-            t.seek(0)
-            t.truncate()
-            t.write(tail)
-        return t.write(s)
-
-    def flush(self):
-        t = self._target()
-        if hasattr(t, "flush"):
-            t.flush()
-
-    def isatty(self):
+    def isatty(self) -> bool:
         return False
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-def _router() -> _ThreadStderr:
-    with _LOCK:
-        if not isinstance(sys.stderr, _ThreadStderr):
-            sys.stderr = _ThreadStderr(sys.stderr)
-        return sys.stderr
 
 
 def _work(job: Job, cfg: Any) -> None:
+    from workbench.logs import capture
     from workbench.steps import run_step
 
-    router = _router()
-    router.route(threading.get_ident(), job.log)
     job.status = "running"
     try:
-        job.result = run_step(job.step, cfg, workspace=job.workspace)
+        with capture(job.log):
+            job.result = run_step(job.step, cfg, workspace=job.workspace)
         job.status = "done"
     except BaseException as e:  # noqa: BLE001 - reported on the page
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        job.error = f"{type(e).__name__}: {msg}" if not _is_user_error(e) else str(msg)
+        job.error = str(e) if is_user_error(e) else f"{type(e).__name__}: {e}"
+        if not is_user_error(e):
+            job.log.write("\n" + traceback.format_exc(limit=8) + BUG_HINT + "\n")
         job.status = "failed"
     finally:
         job.ended = time.time()
-        router.route(threading.get_ident(), None)
-
-
-def _is_user_error(e: BaseException) -> bool:
-    from workbench.errors import USER_ERRORS
-    return isinstance(e, USER_ERRORS)
 
 
 def start(step: str, cfg: Any, config: dict[str, Any], workspace: str) -> Job:

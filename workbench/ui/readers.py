@@ -1,50 +1,17 @@
-"""Readers of the "pca" and "compare" result folders for the pages (plain lookups of what the
-steps wrote; the formats are documented in workbench/steps/pca.py and compare.py)."""
+"""Result folders for the pages, read ONLY through each kind's typed reader next to its writer
+(`workbench.steps.pca.read_pca_result`, `...compare.read_compare_result`, `..._sae_eval.read_sae_eval_result`,
+`...sae.read_export_result`, `...features.load_features`), cached per folder version (the mtime of
+result.json), so a rerun step is read afresh."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import streamlit as st
 
-from workbench.errors import WorkbenchError
 from workbench.ui import common
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if x.dtype.is_floating_point:
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _first(d: dict, *names, default=None):
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return default
-
-
-# ------------------------------------------------------------------ pca
-def pca_spectrum(path: Path, meta: dict | None = None) -> tuple[list[float], list[float]]:
-    """(explained-variance ratio per component, cumulative ratio) of a pca result."""
-    meta = meta if meta is not None else common.read_result_checked(path, "pca")
-    t = common.tensors_of(path)
-    r = _first(meta, "explained_variance_ratio", "explained_variance_ratio_")
-    if r is None:
-        r = _first(t, "explained_variance_ratio", "explained_variance_ratio_")
-    if r is None:
-        raise WorkbenchError(f"{path}: the pca result has no explained_variance_ratio")
-    r = _np(r).astype(float).ravel()
-    cum = _first(meta, "cumulative_variance_ratio", "cumulative")
-    if cum is None:
-        cum = _first(t, "cumulative_variance_ratio")
-    cum = np.cumsum(r) if cum is None else _np(cum).astype(float).ravel()
-    return r.tolist(), cum.tolist()
-
 
 GEOMETRY_LABELS = {
     "participation_ratio": "participation ratio",
@@ -53,95 +20,64 @@ GEOMETRY_LABELS = {
     "effective_rank": "effective rank",
     "anisotropy": "anisotropy",
     "top1_variance_ratio": "top-1 variance ratio",
-    "d": "d",
-}
-_GEOM_ALIASES = {
-    "participation_ratio": ("participation_ratio",),
-    "n_dirs_90": ("n_dirs_90", "n_components_90"),
-    "n_dirs_99": ("n_dirs_99", "n_components_99"),
-    "effective_rank": ("effective_rank",),
-    "anisotropy": ("anisotropy",),
-    "top1_variance_ratio": ("top1_variance_ratio",),
-    "d": ("d",),
 }
 
 
-def pca_geometry(meta: dict) -> dict[str, Any]:
-    """The geometry numbers stored with a pca result (whatever of them it has)."""
-    src = {k: v for k, v in meta.items() if k == "d"}
-    for k in ("geometry", "metrics"):
-        if isinstance(meta.get(k), dict):
-            src.update(meta[k])
-    out = {}
-    for key, aliases in _GEOM_ALIASES.items():
-        v = _first(src, *aliases)
-        if v is not None:
-            out[key] = v
+def _key(path: str | os.PathLike) -> int:
+    return common.stamp(Path(path), "result.json", "tensors.safetensors")
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _pca(path: str, key: int):
+    from workbench.steps.pca import read_pca_result
+    return read_pca_result(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _compare(path: str, key: int):
+    from workbench.steps.compare import read_compare_result
+    return read_compare_result(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _sae_eval(path: str, key: int):
+    from workbench.steps._sae_eval import read_sae_eval_result
+    return read_sae_eval_result(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _pca_model(path: str, key: int):
+    return pca(path).pca()
+
+
+def pca(path: str | os.PathLike):
+    """The `PCAResult` of a pca folder (WorkbenchError when missing or of another kind)."""
+    return _pca(str(path), _key(path))
+
+
+def compare(path: str | os.PathLike):
+    """The `CompareResult` of a compare folder (WorkbenchError when missing or of another kind)."""
+    return _compare(str(path), _key(path))
+
+
+def sae_eval(path: str | os.PathLike):
+    """The `SAEEvalResult` of an sae_eval folder (WorkbenchError when missing or of another kind)."""
+    return _sae_eval(str(path), _key(path))
+
+
+def pca_model(path: str | os.PathLike):
+    """The fitted analyses.pca.PCA of a pca result (for components beyond the stored two)."""
+    return _pca_model(str(path), _key(path))
+
+
+def pca_geometry(r) -> dict[str, float]:
+    """The geometry numbers of a `PCAResult` the pages show, in GEOMETRY_LABELS order, plus d."""
+    out = {k: r.geometry[k] for k in GEOMETRY_LABELS if r.geometry.get(k) is not None}
+    out["d"] = r.d
     return out
 
 
-def pca_projection(path: Path, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(coordinates [m, c] of the sampled rows as stored by the pca step, their store rows [m] or
-    None = rows 0..m-1). The pca step stores the first two components."""
-    meta = meta if meta is not None else common.read_result_checked(path, "pca")
-    t = common.tensors_of(path)
-    coords = _first(t, "projection", "projections", "scores")
-    if coords is None:
-        raise WorkbenchError(f"{path}: this pca result stores no projected rows to plot; rerun "
-                             "the pca step (it saves a sample of projected rows)")
-    rows = _first(t, "sample_rows", "rows")
-    if rows is None and meta.get("sample_rows") is not None:
-        rows = meta["sample_rows"]
-    return _np(coords).astype(np.float32), (None if rows is None else _np(rows).astype(np.int64))
-
-
-def pca_model(path: Path, meta: dict):
-    """The fitted analyses.pca.PCA saved with the result (for components beyond the stored two)."""
-    from analyses.pca import PCA
-    sub = Path(path) / str(meta.get("model_dir") or "model")
-    if not sub.exists():
-        raise WorkbenchError(f"{path} has no saved PCA model ({sub.name}/); rerun the pca step to "
-                             "plot components beyond PC1 and PC2")
-    return PCA.load(sub)
-
-
-def pca_source(meta: dict) -> tuple[str | None, str | None]:
-    """(store path, hook) of a pca result."""
-    return _first(meta, "store", "store_path"), _first(meta, "hook", "hook_name")
-
-
-# ------------------------------------------------------------------ compare
-def compare_matrices(path: Path) -> dict[str, dict[str, Any]]:
-    """{metric name: {matrix [r, c], y_labels (rows), x_labels (cols), metric, store_a, store_b}}."""
-    meta = common.read_result_checked(path, "compare")
-    t = common.tensors_of(path)
-    rows_l = _first(meta, "hooks_a", "labels_a")
-    cols_l = _first(meta, "hooks_b", "labels_b", "hooks_a")
-    store_a = _first(meta, "store_a", "store")
-    store_b = _first(meta, "store_b", default=None) or store_a
-    metrics = _first(meta, "metrics")
-    metric = _first(meta, "metric")
-    out: dict[str, dict[str, Any]] = {}
-    names = []
-    if isinstance(metrics, (list, tuple)):
-        names = list(metrics)
-    elif isinstance(metric, str):
-        names = [metric]
-    for name in names or ["matrix"]:
-        m = _first(t, name, f"matrix_{name}", f"{name}_matrix")
-        if m is None and len(names) <= 1:
-            m = _first(t, "matrix", "values")
-        if m is None and isinstance(meta.get("matrix"), list):
-            m = meta["matrix"]
-        if m is None and isinstance(meta.get("matrices"), dict):
-            m = meta["matrices"].get(name)
-        if m is None:
-            continue
-        m = _np(m).astype(float)
-        yl = list(rows_l) if rows_l is not None else [str(i) for i in range(m.shape[0])]
-        xl = list(cols_l) if cols_l is not None else [str(i) for i in range(m.shape[1])]
-        out[str(name)] = {"matrix": m, "y_labels": yl, "x_labels": xl, "metric": str(name),
-                          "store_a": store_a, "store_b": store_b}
-    if not out:
-        raise WorkbenchError(f"{path}: the compare result holds no matrix")
-    return out
+def pca_projection(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates [m, 2] of the sampled rows, their store rows [m]) as numpy."""
+    coords, rows = pca(path).projection()
+    return coords.float().numpy(), rows.numpy().astype(np.int64)

@@ -26,11 +26,8 @@ CONTEXT_BEFORE, CONTEXT_AFTER = 6, 3
 def point_table(pca_path: str, key: int, store_path: str, store_key: int, max_points: int) -> pd.DataFrame:
     """One row per plotted point: PC coordinates, store row, sequence, position, document, token
     and its context (decoded)."""
-    meta = common.read_result_checked(pca_path, "pca")
-    coords, rows = readers.pca_projection(Path(pca_path), meta)
+    coords, rows = readers.pca_projection(pca_path)
     n = coords.shape[0]
-    if rows is None:
-        rows = np.arange(n)
     if n > max_points:   # an even, deterministic thinning for the browser
         keep = np.linspace(0, n - 1, max_points).round().astype(np.int64)
         coords, rows = coords[keep], rows[keep]
@@ -71,30 +68,20 @@ def more_components(pca_path: str, key: int, store_path: str, hook: str, rows: t
     """Coordinates of `rows` on components `comps` (1-based), from the PCA model the step saved
     (the result itself stores only PC1 and PC2 of its sample)."""
     import torch
-    meta = common.read_result_checked(pca_path, "pca")
-    model = _pca_model(pca_path, key)
+    model = readers.pca_model(pca_path)
     store = common.open_store(store_path)
     idx = torch.as_tensor(rows, dtype=torch.long)
     lo, hi = int(idx.min()), int(idx.max()) + 1
     x = store.read(hook, lo, hi)[idx - lo]
     z = model.transform(x)
     z = z.detach().cpu().numpy() if hasattr(z, "detach") else np.asarray(z)
-    del meta
     return z[:, [c - 1 for c in comps]].astype(np.float32)
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _pca_model(pca_path: str, key: int):
-    return readers.pca_model(Path(pca_path), common.read_result_checked(pca_path, "pca"))
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _sae(path: str, key: int):
-    import analyses.sae as sae_pkg
-    loader = getattr(sae_pkg, "load_sae", None) or getattr(sae_pkg, "load", None)
-    if loader is None:
-        from analyses.sae.formats import load_sae as loader
-    return loader(path, device="cpu")
+    from analyses.sae import load_sae
+    return load_sae(path, device="cpu")
 
 
 @st.cache_data(show_spinner="Encoding rows with the SAE…", max_entries=16)
@@ -103,13 +90,6 @@ def feature_values(sae_path: str, sae_key: int, store_path: str, hook: str, rows
     """One latent's activation on the plotted rows (the features step's reader when it offers
     one; else the SAE's own encode)."""
     import torch
-    try:
-        from workbench.steps.features import latent_activations_for_rows
-    except ImportError:
-        latent_activations_for_rows = None
-    if latent_activations_for_rows is not None:
-        v = latent_activations_for_rows(sae_path, store_path, hook, list(rows), latent)
-        return np.asarray(v.float().cpu() if hasattr(v, "cpu") else v, dtype=float)
     store = common.open_store(store_path)
     sae = _sae(sae_path, sae_key)
     d_sae = int(sae.W_dec.shape[0])
@@ -128,7 +108,8 @@ def feature_values(sae_path: str, sae_key: int, store_path: str, hook: str, rows
 
 def scatter(df: pd.DataFrame, dims: list[str], color: str, values: np.ndarray | None,
             title: str) -> go.Figure:
-    hover = "%{customdata[0]}<br>row %{customdata[1]} · seq %{customdata[2]} · pos %{customdata[3]} · doc %{customdata[4]}<extra></extra>"
+    hover = ("%{customdata[0]}<br>row %{customdata[1]} · seq %{customdata[2]} · pos %{customdata[3]} · "
+             "doc %{customdata[4]}<extra></extra>")
     custom = df[["context", "row", "seq", "position", "document"]].to_numpy()
     three = len(dims) == 3
     Trace = go.Scatter3d if three else go.Scattergl
@@ -196,14 +177,12 @@ def body() -> None:
                                 "on the Run page (step `pca`).")
     if path is None:
         return
-    meta = common.read_result_checked(path, "pca")
-    store_ref, hook = readers.pca_source(meta)
-    store_path = common.resolve_path(ws, store_ref)
-    st.caption(f"hook `{hook}` · store `{store_ref}` · k = {meta.get('k', meta.get('n_components', '?'))}"
-               f" · method {meta.get('method', '?')}")
-    massive = meta.get("massive_rows") or {}
-    if meta.get("rows_dropped"):
-        st.caption(f"{meta['rows_dropped']} rows with norms over {meta.get('max_norm_ratio', 0):g}x the median "
+    r = readers.pca(path)
+    store_path = common.resolve_path(ws, r.store)
+    st.caption(f"hook `{r.hook}` · store `{r.store}` · k = {r.k} · method {r.method}")
+    massive = r.massive_rows
+    if r.rows_dropped:
+        st.caption(f"{r.rows_dropped} rows with norms over {r.max_norm_ratio:g}x the median "
                    "left out (attention sinks / massive activations)")
     elif massive.get("sq_norm_share", 0) > 0.5:
         st.warning(f"{massive['rows']} rows ({100 * massive['row_fraction']:.2f}%) with norms over "
@@ -211,33 +190,38 @@ def body() -> None:
                    f"norm, so the first components mostly describe them. Refit with max_norm_ratio = "
                    f"{massive['ratio']:g} to leave them out.")
 
+    rogue = r.rogue_dims
+    if rogue.get("top1_share", 0) > 0.25:
+        st.caption(f"dimension(s) {rogue.get('dims')} hold {100 * rogue['top1_share']:.0f}% (top 1) of the "
+                   "variance: 'rogue dimensions', so the first components are mostly those coordinates")
     # one view at a time: only the chart on screen is sent to the browser
     view = st.segmented_control("View", ["Scatter", "Scree & geometry"], default="Scatter",
                                 key="act_view", label_visibility="collapsed") or "Scatter"
     if view == "Scatter":
-        common.guard(lambda: scatter_panel(ws, path, meta, store_path, hook), "scatter")
+        common.guard(lambda: scatter_panel(ws, r, store_path), "scatter")
     else:
-        common.guard(lambda: scree_panel(path, meta), "scree")
+        common.guard(lambda: scree_panel(r), "scree")
 
 
-def scree_panel(path: Path, meta: dict) -> None:
-    ratios, cum = readers.pca_spectrum(path, meta)
-    geo = readers.pca_geometry(meta)
+def scree_panel(r) -> None:
+    ratios, cum = r.explained_variance_ratio, r.cumulative_variance_ratio
+    geo = readers.pca_geometry(r)
     if geo:
         cols = st.columns(len(geo))
         for c, (k, v) in zip(cols, geo.items()):
             c.metric(readers.GEOMETRY_LABELS.get(k, k),
                      f"{v:.4g}" if isinstance(v, float) else str(v))
-    st.plotly_chart(figures.scree(ratios, f"Scree: {meta.get('hook', '')}", cumulative=cum),
+    st.plotly_chart(figures.scree(ratios, f"Scree: {r.hook}", cumulative=cum),
                     key="act_scree", width="stretch")
     st.dataframe(pd.DataFrame({"component": np.arange(1, len(ratios) + 1),
                                "explained_variance_ratio": ratios, "cumulative": cum}),
                  hide_index=True, height=220, key="act_scree_table")
 
 
-def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str | None) -> None:
+def scatter_panel(ws, r, store_path: Path | None) -> None:
+    path, hook = r.path, r.hook
     if store_path is None or not Path(store_path).exists():
-        raise WorkbenchError(f"the store this PCA was fitted on ({meta.get('store')}) is not "
+        raise WorkbenchError(f"the store this PCA was fitted on ({r.store}) is not "
                              "there any more; the scatter needs its tokens")
     c1, c2, c3, c4 = st.columns([1, 1, 2, 2])
     dim = c1.radio("Dimensions", ["2-D", "3-D"], horizontal=True, key="act_dim")
@@ -246,8 +230,7 @@ def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str
     color = c3.selectbox("Colour by", COLOR_BY, key="act_color")
     df = point_table(str(path), common.stamp(path, "result.json"), str(store_path),
                      common.stamp(store_path, "manifest.json"), int(max_points))
-    k = int(meta.get("k") or len(meta.get("explained_variance_ratio") or []) or 2)
-    pcs = [f"PC{i + 1}" for i in range(k)]
+    pcs = [f"PC{i + 1}" for i in range(r.k)]
     want = 3 if dim == "3-D" else 2
     if len(pcs) < want:
         st.warning(f"this result has only {len(pcs)} component(s); showing {len(pcs)}-D")
@@ -267,7 +250,7 @@ def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str
             df[c] = extra[:, j]
     values = None
     if color == "feature activation":
-        feats = _matching_features(ws, meta.get("store"), hook)
+        feats = _matching_features(ws, r.store, hook)
         if not feats:
             st.info(f"No features result for hook `{hook}` of this store; make one on the Run page "
                     "(step `features`). Colouring by position instead.")
@@ -276,17 +259,18 @@ def scatter_panel(ws, path: Path, meta: dict, store_path: Path | None, hook: str
             a, b = st.columns([2, 1])
             fpath = ws.results / a.selectbox("Features result", [p.name for p in feats],
                                              key="act_feat_result")
-            fmeta = common.read_result_checked(fpath, "features")
-            d_sae = int(fmeta.get("d_sae", 0))
+            from workbench.ui.pages.features import features_of
+            fd = features_of(fpath)
+            d_sae = fd.d_sae
             latent = int(b.number_input(f"Latent (0 – {d_sae - 1})", value=0, step=1,
                                         key="act_latent"))
             if not 0 <= latent < d_sae:
                 st.error(f"Latent {latent} is out of range: the SAE has {d_sae} latents "
                          f"(valid: 0 – {d_sae - 1}).")
                 return
-            sae_path = common.resolve_path(ws, fmeta.get("sae"))
+            sae_path = common.resolve_path(ws, fd.meta.get("sae"))
             if sae_path is None or not Path(sae_path).exists():
-                raise WorkbenchError(f"the SAE of {fpath.name} ({fmeta.get('sae')}) is missing")
+                raise WorkbenchError(f"the SAE of {fpath.name} ({fd.meta.get('sae')}) is missing")
             values = feature_values(str(sae_path), common.stamp(sae_path, "cfg.json",
                                                                 "sae_weights.safetensors"),
                                     str(store_path), hook, tuple(int(r) for r in df["row"]), latent)

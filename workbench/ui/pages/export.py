@@ -4,7 +4,6 @@ finds a browser), and tables as CSV."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import zipfile
@@ -14,8 +13,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from workbench.errors import WorkbenchError
-from workbench.ui import common, figures
+from workbench.ui import common, figures, readers
 
 FORMATS = ["saelens", "sparsify", "neuronpedia"]
 
@@ -35,54 +33,30 @@ def _zip_cached(folder: str, key: int) -> bytes:
     return zip_folder(Path(folder))
 
 
-def _export_fields() -> dict[str, str]:
-    """Names of the export_sae config fields for (sae path, format, out, overwrite)."""
-    from workbench.steps import STEPS
-    cls = STEPS["export_sae"].config_cls
-    names = [f.name for f in dataclasses.fields(cls)]
-    pos = [f.name for f in dataclasses.fields(cls) if (f.metadata or {}).get("positional")]
-    out = {"sae": next((n for n in ("sae", "path", "sae_path", "source") if n in names),
-                       pos[0] if pos else names[0]),
-           "format": next((n for n in ("format", "fmt", "to") if n in names), "format"),
-           "out": "out" if "out" in names else ""}
-    if "overwrite" in names:
-        out["overwrite"] = "overwrite"
-    return out
-
-
 def export_sae(ws, sae: Path, fmt: str) -> Path:
-    """Run export_sae into WS/exports/NAME-FORMAT (reused when already there and newer than the
-    SAE) and return the folder."""
-    from workbench.steps import STEPS, run_step
-    if "export_sae" not in STEPS:
-        if fmt == "saelens":
-            return sae   # our native format is SAELens already
-        raise WorkbenchError("the export_sae step is not available in this installation")
+    """Run export_sae into WS/exports/NAME-FORMAT (the step's output folder, as from the CLI or a
+    sweep; reused when already there and newer than the SAE) and return the folder."""
+    from workbench.steps import STEPS, field_for, output_dir, run_step
+    cls = STEPS["export_sae"].config_cls
+    sae_f, out_f = field_for(cls, "sae"), field_for(cls, "out")
+    newer = common.stamp(sae, "cfg.json", "sae_weights.safetensors")
     # an export this workspace already made (e.g. by `workbench demo`), newer than the SAE
     for run in ws.runs(step="export_sae", status="done"):
         cfg = run.config or {}
-        if cfg.get("format") != fmt or not cfg.get("sae"):
+        if cfg.get("format") != fmt or not cfg.get(sae_f):
             continue
-        if ws.abs(str(cfg["sae"])).resolve() != sae.resolve():
+        if ws.abs(str(cfg[sae_f])).resolve() != sae.resolve():
             continue
         for art in run.artifacts.values():
             folder = ws.abs(art)
-            if folder.is_dir() and any(folder.iterdir()) and folder.stat().st_mtime_ns >= \
-                    common.stamp(sae, "cfg.json", "sae_weights.safetensors"):
+            if folder.is_dir() and any(folder.iterdir()) and folder.stat().st_mtime_ns >= newer:
                 return folder
-    dest = ws.root / "exports" / f"{sae.name}-{fmt}"
-    if dest.exists() and any(dest.iterdir()) and \
-            dest.stat().st_mtime_ns >= common.stamp(sae, "cfg.json", "sae_weights.safetensors"):
+    dest = ws.root / output_dir("export_sae") / f"{sae.name}-{fmt}"
+    if dest.exists() and any(dest.iterdir()) and dest.stat().st_mtime_ns >= newer:
         return dest
-    f = _export_fields()
-    cfg = {f["sae"]: str(sae), f["format"]: fmt}
-    if f.get("out"):
-        cfg[f["out"]] = str(dest)
-    if f.get("overwrite"):
-        cfg[f["overwrite"]] = True
-    res = run_step("export_sae", cfg, workspace=ws)
-    out = res.artifacts.get("out") or res.artifacts.get(fmt) or next(iter(res.artifacts.values()),
-                                                                     str(dest))
+    res = run_step("export_sae", {sae_f: str(sae), "format": fmt, out_f: str(dest), "overwrite": True},
+                   workspace=ws)
+    out = res.artifacts.get("export") or next(iter(res.artifacts.values()), str(dest))
     return Path(out) if Path(out).exists() else dest
 
 
@@ -131,17 +105,16 @@ def _figure_sources(ws) -> list[tuple[str, Any]]:
             if f.exists():
                 out.append((f"{p.name} · {fname} (saved by the {meta.get('kind')} step)", f))
         if meta.get("kind") == "pca":
-            def build(p=p, meta=meta):
-                from workbench.ui.readers import pca_spectrum
-                ratios, cum = pca_spectrum(p, meta)
-                return figures.scree(ratios, f"Scree: {p.name}", cumulative=cum)
+            def build(p=p):
+                r = readers.pca(p)
+                return figures.scree(r.explained_variance_ratio, f"Scree: {p.name}",
+                                     cumulative=r.cumulative_variance_ratio)
             out.append((f"{p.name} · scree (UI)", build))
         if meta.get("kind") == "compare":
             def build(p=p):
-                from workbench.ui.readers import compare_matrices
-                name, m = next(iter(compare_matrices(p).items()))
-                return figures.heatmap(m["matrix"], m["x_labels"], m["y_labels"],
-                                       f"{p.name}: {name}", metric=m["metric"], clickable=False)
+                r = readers.compare(p)
+                return figures.heatmap(r.matrix.numpy(), r.hooks_b, r.hooks_a,
+                                       f"{p.name}: {r.metric}", metric=r.metric, clickable=False)
             out.append((f"{p.name} · heatmap (UI)", build))
         if meta.get("kind") == "features":
             def build(p=p):
@@ -199,16 +172,15 @@ def _table_sources(ws) -> list[tuple[str, Any]]:
         out.append((f"{p.name} · latents", latents))
     for p in ws.list_results("compare"):
         def matrix(p=p):
-            from workbench.ui.readers import compare_matrices
-            _, m = next(iter(compare_matrices(p).items()))
-            return pd.DataFrame(m["matrix"], index=m["y_labels"], columns=m["x_labels"])
+            r = readers.compare(p)
+            return pd.DataFrame(r.matrix.numpy(), index=r.hooks_a, columns=r.hooks_b)
         out.append((f"{p.name} · matrix", matrix))
     for p in ws.list_results("pca"):
         def spectrum(p=p):
-            from workbench.ui.readers import pca_spectrum
-            ratios, cum = pca_spectrum(p, common.read_result_checked(p, "pca"))
+            r = readers.pca(p)
+            ratios = r.explained_variance_ratio
             return pd.DataFrame({"component": range(1, len(ratios) + 1),
-                                 "explained_variance_ratio": ratios, "cumulative": cum})
+                                 "explained_variance_ratio": ratios, "cumulative": r.cumulative_variance_ratio})
         out.append((f"{p.name} · spectrum", spectrum))
     return out
 

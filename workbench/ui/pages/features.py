@@ -133,7 +133,7 @@ def dashboard(path: Path, key: int, fd, i: int) -> None:
                             key="feat_hist", width="stretch")
         lg = d.get("logits")
         if lg:
-            st.markdown("**Logit effect** (W_dec · W_U)")
+            st.markdown("**Logit effect** (W_dec · W_U, final-norm gain folded in)")
             a, b = st.columns(2)
             a.dataframe(pd.DataFrame([{"token": common.show_token(t["token"]), "logit": t["value"]}
                                       for t in lg.get("top", [])]),

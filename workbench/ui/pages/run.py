@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,30 +14,12 @@ from typing import Any
 import streamlit as st
 
 from workbench.errors import WorkbenchError
+from workbench.steps import output_dir, role_of, unwrap_type
 from workbench.ui import common, jobs
 
-# Fields whose value names an existing artefact of the workspace, and which list to offer.
-_STORE_FIELDS = {"store", "store_a", "store_b", "stores"}
-_SAE_FIELDS = {"sae", "saes"}
-_RESULT_FIELDS = {"result", "pca", "features"}
-# Where a step's output goes by default, relative to the workspace.
-_OUT_DIR = {"collect": "stores", "train_sae": "saes", "export_sae": "exports"}
+# Field roles (workbench.steps.ROLES) whose value names an artefact of the workspace.
+_INPUT_ROLES = {"store", "store_b", "sae", "result"}
 _HIDDEN = {"workspace"}
-
-
-def _unwrap(tp) -> tuple[Any, bool, bool]:
-    """(base type, is_list, optional) of a field annotation."""
-    optional = False
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        base, is_list, _ = _unwrap(args[0])
-        return base, is_list, optional
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (str,)
-        return inner, True, optional
-    return tp, False, optional
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -50,20 +31,19 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _suggest_out(step: str) -> str:
-    sub = _OUT_DIR.get(step, "results")
-    return f"{sub}/{step.replace('_', '-')}-{time.strftime('%m%d-%H%M%S')}"
+    """WS-relative output folder, in the folder every face uses for this step (steps.output_dir)."""
+    return f"{output_dir(step)}/{step.replace('_', '-')}-{time.strftime('%m%d-%H%M%S')}"
 
 
-def _options_for(name: str, ws) -> list[str]:
-    if ws is None:
+def _options_for(role: str | None, ws) -> list[str]:
+    """Existing artefacts a field of this role can name (stores, SAEs, results)."""
+    if ws is None or role not in _INPUT_ROLES:
         return []
-    if name in _STORE_FIELDS:
-        return [ws.rel(p) for p in ws.list_stores()]
-    if name in _SAE_FIELDS:
+    if role == "sae":
         return [ws.rel(p) for p in ws.list_saes()]
-    if name in _RESULT_FIELDS:
-        return [ws.rel(p) for p in ws.list_results(name if name != "result" else None)]
-    return []
+    if role == "result":
+        return [ws.rel(p) for p in ws.list_results()]
+    return [ws.rel(p) for p in ws.list_stores()]
 
 
 @st.cache_data(show_spinner=False, ttl=600)
@@ -79,7 +59,8 @@ def _model_specs() -> list[str]:
 def _widget(step: str, f: dataclasses.Field, tp, ws) -> tuple[Any, str]:
     """Draw one field's widget; returns (raw value, kind) to be parsed after submit."""
     md = f.metadata or {}
-    base, is_list, optional = _unwrap(tp)
+    role = role_of(f)
+    base, is_list, optional = unwrap_type(tp)
     default = _default(f)
     required = default is dataclasses.MISSING
     label = f.name + (" *" if required else "")
@@ -94,7 +75,7 @@ def _widget(step: str, f: dataclasses.Field, tp, ws) -> tuple[Any, str]:
         return st.checkbox(f.name, value=bool(default) if default is not dataclasses.MISSING
                            else False, help=helptext, key=key), "bool"
     if is_list:
-        opts = _options_for(f.name, ws)
+        opts = _options_for(role, ws)
         if choices or opts:
             dflt = [d for d in (default if isinstance(default, list) else []) if d in (choices or opts)]
             return st.multiselect(label, list(choices or opts), default=dflt, help=helptext,
@@ -112,14 +93,14 @@ def _widget(step: str, f: dataclasses.Field, tp, ws) -> tuple[Any, str]:
         return st.text_input(label, value=txt, help=(helptext or "") + " (empty: default)",
                              key=key), f"opt:{base.__name__}"
     # strings (paths, hooks, specs, ...)
-    opts = _options_for(f.name, ws)
-    if f.name == "out" or f.name.endswith("_out"):
+    opts = _options_for(role, ws)
+    if role == "out":
         required_out = default is dataclasses.MISSING or "required" in (helptext or "")
         dflt = _suggest_out(step) if required_out and not default else (default or "")
         return st.text_input(label, value=str(dflt), help=(helptext or "") +
                              " (relative paths are inside the workspace; empty: the step's "
                              "default)", key=key), "path"
-    if f.name in ("model", "model_a", "model_b"):
+    if role == "model":
         opts = _model_specs()
         if default not in (None, "", dataclasses.MISSING) and default not in opts:
             opts = [str(default), *opts]
@@ -149,7 +130,7 @@ def split_list(text: str) -> list[str]:
     return [x.strip() for x in items if x.strip()]
 
 
-def _parse(name: str, raw: Any, kind: str, ws) -> Any:
+def _parse(name: str, raw: Any, kind: str, ws, role: str | None = None) -> Any:
     if kind in ("choice", "bool", "int", "float", "list_sel"):
         if kind == "list_sel":
             return [_abs(ws, v) for v in raw]
@@ -173,7 +154,7 @@ def _parse(name: str, raw: Any, kind: str, ws) -> Any:
             raise WorkbenchError(f"{name}: expected {'an integer' if typ is int else 'a number'} "
                                  f"or nothing, got {txt!r}") from None
     if kind == "path":
-        return _abs(ws, str(raw).strip(), out=(name == "out" or name.endswith("_out")))
+        return _abs(ws, str(raw).strip(), out=(role == "out"))
     return raw
 
 
@@ -259,7 +240,7 @@ def body() -> None:
             values = {}
             for f in fields:
                 v, kind = raw[f.name]
-                v = _parse(f.name, v, kind, wsp)
+                v = _parse(f.name, v, kind, wsp, role_of(f))
                 if v in ("", None) or v == []:
                     if _default(f) is dataclasses.MISSING:
                         raise WorkbenchError(f"{f.name} is required ({(f.metadata or {}).get('help', '')})")

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from workbench.ui import common
+from workbench.ui import common, readers
 
 
 def _corpus_text(c) -> str:
@@ -48,14 +48,20 @@ def _sae_rows(ws) -> list[dict]:
         key = common.stamp(p, "cfg.json")
         row = {"name": p.name, "status": "", "size": common.human_size(common.cached_size(str(p), key)),
                "architecture": None, "d_in": None, "d_sae": None, "k": None, "model": None,
-               "hook": None, "L0": None, "explained var.": None, "dead": None}
+               "hook": None, "eval split": None, "L0": None, "explained var. (around mean)": None,
+               "dead": None, "dead: tokens": None}
         try:
             cfg = json.loads((p / "cfg.json").read_text())
             md = cfg.get("metadata") or {}
             wb = md.get("workbench") if isinstance(md.get("workbench"), dict) else {}
             ev = wb.get("eval") if isinstance(wb.get("eval"), dict) else wb
-            row.update({"L0": ev.get("l0"), "explained var.": ev.get("explained_variance"),
-                        "dead": ev.get("dead_fraction")})
+            dens = wb.get("density") if isinstance(wb.get("density"), dict) else {}
+            # explained variance around the per-dimension mean (SAELens >= 2026 / SAEBench corrected);
+            # dead: the SAE's best density estimate with the tokens it was measured on
+            row.update({"eval split": ev.get("split", "in_sample (pre-split SAE)" if ev else None),
+                        "L0": ev.get("l0"), "explained var. (around mean)": ev.get("explained_variance"),
+                        "dead": dens.get("dead_fraction", ev.get("dead_fraction")),
+                        "dead: tokens": dens.get("n_tokens", ev.get("n_tokens"))})
             row.update({"architecture": cfg.get("architecture"), "d_in": cfg.get("d_in"),
                         "d_sae": cfg.get("d_sae"), "k": cfg.get("k"),
                         "model": md.get("model_name"), "hook": md.get("hook_name"),
@@ -101,10 +107,30 @@ def _result_rows(ws) -> list[dict]:
                 row.update({"kind": meta.get("kind"), "version": meta.get("version"),
                             "figures": ", ".join((meta.get("figures") or {}).keys()),
                             "status": "ok"})
+                if meta.get("kind") == "sae_eval":
+                    row["summary"] = _sae_eval_summary(readers.sae_eval(p))
             except Exception as e:  # noqa: BLE001
                 row.update({"kind": "", "status": f"unreadable: {common.error_message(e)}"})
         rows.append(row)
     return rows
+
+
+def _sae_eval_summary(r) -> str:
+    """Every number with its split; explained variance around the mean; CE loss recovered +- SE, and
+    SAELens' convention next to it (r: an SAEEvalResult)."""
+    m, ce, split = r.metrics, r.ce or {}, r.split
+    parts = [f"{split}, {int(m.get('n_tokens', 0)):,} tokens"]
+    if m.get("explained_variance") is not None:
+        parts.append(f"explained var. (around mean) {m['explained_variance']:.3f}")
+    if m.get("dead_fraction") is not None:
+        parts.append(f"dead {m['dead_fraction']:.1%} of latents over {int(m.get('n_tokens', 0)):,} tokens")
+    if ce.get("ce_loss_recovered") is not None:
+        se = ce.get("ce_loss_recovered_se")
+        parts.append(f"CE loss recovered {ce['ce_loss_recovered']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+                     + f" on {ce.get('n_sequences', '?')} sequences")
+    if ce.get("ce_loss_recovered_saelens") is not None:
+        parts.append(f"SAELens convention {ce['ce_loss_recovered_saelens']:.3f}")
+    return "; ".join(parts)
 
 
 def _fmt_metrics(m: dict) -> str:

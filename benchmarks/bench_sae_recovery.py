@@ -1,0 +1,99 @@
+"""Benchmark: can train_sae with DEFAULT hyperparameters recover known features? Synthetic superposition
+data (n_true unit-norm features in d dims, exactly `active` of them per sample with magnitudes in
+[0.5, 2.5]); d_sae = n_true, k = active; everything else default except the learning-rate rule, which is
+run twice in the same process: the old rule 2e-4 / sqrt(d_sae / 2^14) (the baseline) and the current
+analyses.sae.default_lr. Prints mean max cosine similarity (MMCS, REFERENCES.md) between decoder rows
+and true features per shape and architecture, the lr each rule gave, the inference L0, and the device.
+
+    .venv/bin/python benchmarks/bench_sae_recovery.py                          # full sweep (slow on CPU)
+    .venv/bin/python benchmarks/bench_sae_recovery.py --d 64 128 --archs topk  # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def synthetic(n: int, d: int, n_true: int, active: int, seed: int = 0):
+    """X [n, d] = sum of `active` distinct random unit-norm features per row, magnitudes U[0.5, 2.5]."""
+    import torch
+    g = torch.Generator().manual_seed(10_000 + seed)
+    F = torch.randn(n_true, d, generator=g)
+    F /= F.norm(dim=1, keepdim=True)
+    X = torch.empty(n, d)
+    for i in range(0, n, 8192):
+        m = min(8192, n - i)
+        idx = torch.rand(m, n_true, generator=g).argsort(1)[:, :active]
+        mag = torch.rand(m, active, generator=g) * 2 + 0.5
+        X[i:i + m] = torch.einsum("ma,mad->md", mag, F[idx])
+    return X, F
+
+
+def mmcs(W_dec, F) -> float:
+    W = W_dec.detach().float().cpu()
+    W = W / W.norm(dim=1, keepdim=True)
+    return float((F @ W.T).max(1).values.mean())
+
+
+def old_lr(d_sae: int) -> float:
+    return 2e-4 / math.sqrt(d_sae / 2 ** 14)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--ratio", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--active", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--archs", nargs="+", default=["topk", "batchtopk"])
+    ap.add_argument("--rows", type=int, default=100_000, help="dataset rows (default 100k)")
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    from analyses._util import resolve_device
+    from analyses.sae import default_lr, train_sae
+    dev = resolve_device(args.device)
+    print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
+          f"torch threads {torch.get_num_threads()}, rows {args.rows}, passes {args.passes}, batch 4096 "
+          "(default)")
+    head = f"{'d':>4} {'n_true':>6} {'act':>4} {'arch':>10} | {'lr old':>8} {'MMCS old':>8} | " \
+           f"{'lr new':>8} {'MMCS new':>8} {'L0 new':>6} {'s':>5}"
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for d, ratio, active in itertools.product(args.d, args.ratio, args.active):
+        n_true = ratio * d
+        X, F = synthetic(args.rows, d, n_true, active)
+        for arch in args.archs:
+            res = {}
+            for rule, lr in (("old", old_lr(n_true)), ("new", default_lr(n_true))):
+                t = time.time()
+                sae = train_sae(X, arch=arch, d_sae=n_true, k=active, n_tokens=args.passes * args.rows,
+                                lr=lr if rule == "old" else None, device=str(dev), progress=False)
+                with torch.no_grad():
+                    l0 = float((sae.encode(X[:8192].to(dev)) != 0).sum(1).float().mean())
+                res[rule] = (lr, mmcs(sae.W_dec, F), l0, time.time() - t)
+            (lo, mo, _, _), (ln, mn, l0n, tn) = res["old"], res["new"]
+            rows.append((arch, mo, mn))
+            print(f"{d:>4} {n_true:>6} {active:>4} {arch:>10} | {lo:>8.2e} {mo:>8.3f} | {ln:>8.2e} {mn:>8.3f} "
+                  f"{l0n:>6.2f} {tn:>5.1f}", flush=True)
+    for arch in args.archs:
+        r = [x for x in rows if x[0] == arch]
+        if r:
+            print(f"{arch}: shapes with MMCS >= 0.95: old rule {sum(x[1] >= 0.95 for x in r)}/{len(r)}, "
+                  f"new rule {sum(x[2] >= 0.95 for x in r)}/{len(r)}; mean MMCS old "
+                  f"{sum(x[1] for x in r) / len(r):.3f} -> new {sum(x[2] for x in r) / len(r):.3f}")
+
+
+if __name__ == "__main__":
+    main()
