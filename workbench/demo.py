@@ -26,7 +26,7 @@ def demo_config(workspace: str, quick: bool = False) -> dict[str, Any]:
     cfg["sweep"]["workspace"] = str(workspace)
     if quick:   # same pipeline, smaller: for tests and slow machines
         cfg = copy.deepcopy(cfg)
-        cfg["corpus"]["max_tokens"] = 2048
+        cfg["corpus"]["max_tokens"] = 64 * 128   # 64 documents: the floor for a document-level comparison is 50
         for m in cfg["models"]:
             if m["name"] == "smol":
                 m["hooks"] = ["blocks.{3,6}.hook_resid_post"]
