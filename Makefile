@@ -16,6 +16,7 @@ demo: setup
 	$(PY) -m workbench.cli demo --workspace $(WORKSPACE) --port $(PORT)
 
 test: setup-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: setup-test

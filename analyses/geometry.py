@@ -7,7 +7,8 @@ for anisotropy, a sample of its raw rows.
 - effective rank (RankMe, Garrido et al. 2023): exp of the entropy of the normalised singular
   values, sigma_k proportional to sqrt(lambda_k) here (singular values of the centred data)
 - anisotropy: mean cosine similarity between random pairs of distinct raw (uncentred) rows (Ethayarajh
-  2019), seeded
+  2019), seeded. NOT a reliable measure of spread (Marbut et al. 2023: it follows where the mean sits);
+  kept for comparison. The recommended spread measures and TwoNN are in ``analyses.spread``.
 """
 
 from __future__ import annotations

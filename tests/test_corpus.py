@@ -181,3 +181,160 @@ def test_windows_per_doc_keeps_each_documents_first_windows():
     first = list(pack(docs, Tok(), 5, add_special_tokens=False, windows_per_doc=1))
     assert [w.doc_id for w in first] == [0, 1, 2]
     assert all(w.ids == every[i].ids for i, w in zip((0, 5, 6), first))
+
+
+# ------------------------------------------------------------------------------- streaming
+@pytest.fixture
+def opened(monkeypatch):
+    """Records every file the corpus opens, and the size of every read it makes."""
+    import workbench.corpus as c
+    log = {"files": [], "reads": []}
+    real = c._open_text
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            out = self.f.read(n)
+            log["reads"].append(len(out))
+            return out
+
+        def __iter__(self):
+            for line in self.f:
+                log["reads"].append(len(line))
+                yield line
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def spy(p):
+        log["files"].append(os.path.basename(str(p)))
+        return Spy(real(p))
+    monkeypatch.setattr(c, "_open_text", spy)
+    return log
+
+
+def _folder(tmp_path, n_txt=30, n_jsonl=3):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i in range(n_txt):
+        (root / f"t{i:03d}.txt").write_text(" ".join(f"w{i}_{j}" for j in range(40)))
+    for i in range(n_jsonl):
+        with open(root / "sub" / f"j{i}.jsonl", "w") as f:
+            for k in range(5):
+                f.write(json.dumps({"text": f"line {k} of {i} " * 3, "body": f"b{i}{k}"}) + "\n")
+    return root
+
+
+def test_folder_with_jsonl_is_read_one_file_at_a_time(tmp_path, opened):
+    root = _folder(tmp_path)
+    docs = iter_documents(str(root))
+    assert opened["files"] == []                                  # nothing read before asked
+    ws = list(itertools.islice(pack(docs, WordTokenizer(bos=1), seq_len=9), 3))
+    assert {w.doc_id for w in ws} == {0, 1} and opened["files"] == ["j0.jsonl"]
+    everything = list(iter_documents(str(root)))
+    # sorted paths: sub/j0.jsonl .. sub/j2.jsonl (5 lines each) first, then the .txt files
+    assert [d.name for d in everything[:6]] == [f"sub/j0.jsonl:{k}" for k in range(1, 6)] + ["sub/j1.jsonl:1"]
+    assert [d.id for d in everything] == list(range(15 + 30))
+    assert everything[15].name == "t000.txt" and everything[15].text.startswith("w0_0 w0_1")
+    assert [d.text for d in iter_documents(f"{root}:body")][:2] == ["b00", "b01"]
+    assert corpus_fingerprint(str(root))["files"] == 33
+    only_txt = tmp_path / "txt_only"
+    only_txt.mkdir()
+    (only_txt / "a.txt").write_text("a")
+    with pytest.raises(WorkbenchError, match="text field"):
+        iter_documents(f"{only_txt}:body")
+
+
+def test_jsonl_reads_line_by_line(tmp_path, opened):
+    f = tmp_path / "big.jsonl"
+    with open(f, "w") as out:
+        for k in range(2000):
+            out.write(json.dumps({"text": f"document number {k}"}) + "\n")
+    first = list(itertools.islice(iter_documents(str(f)), 3))
+    assert [d.text for d in first] == [f"document number {k}" for k in range(3)]
+    assert sum(opened["reads"]) < 10_000 < f.stat().st_size   # not the whole file
+
+
+LINES_TEXT = ("one\r\ntwo\rthree\n\nfour\x0cfive\u2028six\x85seven\n\n\n para\r\n\r\n"
+              "last line without end")
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1 << 20])
+def test_lines_and_paragraphs_stream_like_splitlines(tmp_path, monkeypatch, opened, piece):
+    import workbench.corpus as c
+    monkeypatch.setattr(c, "PIECE_CHARS", piece)
+    f = tmp_path / "l.txt"
+    f.write_bytes(LINES_TEXT.encode())
+    whole = LINES_TEXT.replace("\r\n", "\n").replace("\r", "\n")      # what read_text gives
+    want = [(f"l.txt:{i + 1}", t) for i, t in enumerate(whole.splitlines()) if t.strip()]
+    got = [(d.name, d.text) for d in iter_documents(f"{f}:lines")]
+    assert got == want
+    assert max(opened["reads"]) <= piece
+    lines, paras, para = whole.splitlines() + [""], [], []
+    for line in lines:                                     # the paragraph rule, on the whole text
+        if line.strip():
+            para.append(line)
+        elif para:
+            paras.append("\n".join(para))
+            para = []
+    assert [d.text for d in iter_documents(f"{f}:paragraphs")] == paras
+
+
+def _big_text(n_lines=400):
+    import random
+    rng = random.Random(0)
+    words = ["alpha", "beta", "Γάμμα", "naïve", "x=1;", "(paren)", "  spaced", "3.14", "tab\tbed", "émoji🙂"]
+    lines = []
+    for i in range(n_lines):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))))
+        if i % 7 == 0:
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from workbench.models import load_tokenizer
+    try:
+        return load_tokenizer("smollm2-135m")
+    except Exception as e:  # noqa: BLE001 - package not installed
+        pytest.skip(f"smollm2 tokenizer unavailable: {e}")
+
+
+@pytest.mark.parametrize("which", ["bert", "smol"])
+def test_big_file_is_tokenised_in_pieces_like_the_whole(tmp_path, monkeypatch, opened, bert_tok, smol_tok, which):
+    import workbench.corpus as c
+    tok = bert_tok if which == "bert" else smol_tok
+    text = _big_text()
+    f = tmp_path / "big.txt"
+    f.write_text(text, encoding="utf-8")
+    whole = list(pack([Document(0, "big.txt", text)], tok, 16))
+    monkeypatch.setattr(c, "BIG_FILE", 1000)
+    monkeypatch.setattr(c, "PIECE_CHARS", 500)
+    docs = list(iter_documents(str(f)))
+    assert len(docs) == 1 and docs[0].text == "" and docs[0].pieces is not None
+    pieces = list(docs[0].pieces())
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert max(opened["reads"]) <= 500
+    opened["reads"].clear()
+    streamed = list(pack(iter_documents(str(f)), tok, 16))
+    assert [w.ids for w in streamed] == [w.ids for w in whole]
+    assert [w.char_end for w in streamed] == [w.char_end for w in whole]
+    assert all(w.doc_id == 0 for w in streamed)
+    # windows_per_doc stops reading the file early
+    opened["reads"].clear()
+    assert len(list(pack(iter_documents(str(f)), tok, 16, windows_per_doc=2))) == 2
+    assert sum(opened["reads"]) < len(text) // 2
+
+
+def test_cut_points():
+    from workbench.corpus import _cut
+    assert _cut("aaaa bbbb\ncccc dd") == len("aaaa bbbb")          # a letter before a line end
+    assert _cut("aaaa bbbb cccc dd") == len("aaaa bbbb cccc")       # else before a space
+    assert _cut("x" * 16 + " bb;\n\n  cccc;") == 16       # never after "b;" (punctuation)
+    assert _cut("a" * 10) == 0                                     # no place: read more first

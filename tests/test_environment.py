@@ -27,7 +27,7 @@ def test_constraints_cover_the_libraries_that_make_the_numbers():
     assert {"torch", "transformer-lens", "transformers", "numpy", "sae-lens"} <= set(_pins())
 
 
-@pytest.mark.parametrize("name", ["torch", "transformer-lens", "transformers", "tokenizers", "numpy",
+@pytest.mark.parametrize("name", ["torch", "transformer-lens", "transformers", "tokenizers", "numpy", "ruff",
                                   "safetensors", "gguf", "threadpoolctl", "plotly", "pandas", "streamlit",
                                   "scikit-learn", "sae-lens"])
 def test_installed_version_is_the_pinned_one(name):

@@ -32,11 +32,16 @@ def _reduced(path: Path) -> dict:
                 t["hooks"] = ["blocks.*.hook_resid_post"]
     if "train_sae" in raw:
         sae = raw["train_sae"]
+        widths = sae.get("d_sae")
         sae.update(d_sae=1152, n_tokens=8192, batch_size=512)
         sae.pop("hooks", None)
         sae["hooks"] = ["blocks.6.hook_resid_post"]
         if isinstance(sae.get("k"), list):
             sae["k"] = sae["k"][:1]
+        if "match_saes" in raw:      # pairs need what they pair: two widths (small), two layers, seeds
+            sae["d_sae"] = [256, 512] if isinstance(widths, list) else 256
+            sae["hooks"] = ["blocks.{6,9}.hook_resid_post"]
+            raw["match_saes"]["n_shuffles"] = 5
     for t in ("eval_sae",):
         if t in raw:
             raw[t]["ce_sequences"] = 4
@@ -76,6 +81,13 @@ def test_example_runs_and_means_something(path, tmp_path):
                     and len(M) >= 4 and meta.get("standardize"):
                 # adjacent layers are more alike than distant ones (standardised: no rogue dims)
                 assert M[0][1] > M[0][-1] and M[-1][-2] > M[-1][0], M
+        if kind == "match_saes":
+            # matched latents fire together far more than random pairs of latents do
+            meta = read_result(r, "match_saes")
+            assert meta["matched_corr"]["median"] > meta["random_corr"]["p90"] + 0.1, (r.name, meta["matched_corr"])
+        if kind == "match_layers":
+            meta = read_result(r, "match_layers")
+            assert len(meta["hooks"]) == 2 and 0 <= meta["fraction"][0][1] <= 1
 
 
 def test_every_example_is_run_by_a_test():
@@ -92,9 +104,10 @@ def test_dry_run_refuses_too_few_documents(tmp_path):
     from workbench.sweep import SweepError
 
     def cfg(**collect):
+        hooks = ["blocks.0.hook_resid_post"]
         return {"sweep": {"name": "t"},
-                "models": [{"spec": "tiny-random:layers=2,d_model=16", "name": "a", "hooks": ["blocks.0.hook_resid_post"]},
-                           {"spec": "tiny-random:layers=2,d_model=32", "name": "b", "hooks": ["blocks.0.hook_resid_post"]}],
+                "models": [{"spec": "tiny-random:layers=2,d_model=16", "name": "a", "hooks": hooks},
+                           {"spec": "tiny-random:layers=2,d_model=32", "name": "b", "hooks": hooks}],
                 "corpus": {"spec": "builtin", "max_tokens": 20000, "seq_len": 128},
                 "collect": collect,
                 "compare": {"within": False, "across": [["a", "b"]], "metric": "mutual_knn", "align": "document"}}

@@ -206,25 +206,133 @@ def test_attribution_exact_and_linear(tiny, sae, sae_dir, ids, metric):
     assert ag["n"] == 5 and 0 <= ag["sign_agreement"] <= 1
 
 
-def test_pca_direction(tiny, tmp_path, ids):
-    from workbench.results import write_result
+@pytest.fixture(scope="module")
+def pca_dir(tmp_path_factory, tiny):
+    """A complete `pca` result made by the pca step on a small synthetic store of tiny-random's hook."""
+    from workbench.steps import run_step
+    from workbench.store import write_store
+    root = tmp_path_factory.mktemp("pca")
+    g = torch.Generator().manual_seed(0)
+    n_seq, L = 8, 16
+    acts = torch.randn(n_seq * L, tiny.d_model, generator=g) * torch.linspace(3, 0.1, tiny.d_model) + 0.5
+    write_store(root / "store", {HOOK: acts}, torch.randint(1, 100, (n_seq, L), generator=g),
+                torch.ones(n_seq, L, dtype=torch.bool), torch.arange(n_seq),
+                torch.arange(n_seq).repeat_interleave(L), torch.arange(L).repeat(n_seq), "tiny-random")
+    run_step("pca", {"store": str(root / "store"), "hook": HOOK, "k": 3, "out": str(root / "pca"),
+                     "device": "cpu", "sample": 32})
+    return root / "pca"
+
+
+def test_pca_direction(tiny, pca_dir, tmp_path, ids):
+    from workbench.results import read_tensors
     x = _acts(tiny, ids)
-    C = torch.linalg.qr(torch.randn(tiny.d_model, 3))[0].T.contiguous()
-    mean = torch.randn(tiny.d_model)
-    write_result(tmp_path / "pca", "pca", {"model": "tiny-random", "hook": HOOK},
-                 tensors={"components": C, "mean": mean})
-    (e,) = iv.pca_edits(str(tmp_path / "pca"), [1], [2.0], "clamp", tiny, HOOK)
+    t = read_tensors(pca_dir)                             # raw tensors, read independently of the reader
+    C, mean = t["components"].float(), t["mean"].float()
+    assert C.shape == (3, tiny.d_model)
+    torch.testing.assert_close(C @ C.T, torch.eye(3), rtol=1e-4, atol=1e-4)
+    (e,) = iv.pca_edits(str(pca_dir), [1], [2.0], "clamp", tiny, HOOK)
     got = iv.Intervention([e]).apply(x[None])[0]
     torch.testing.assert_close((got - mean) @ C[1], torch.full((x.shape[0],), 2.0), rtol=1e-4, atol=1e-4)
-    (e,) = iv.pca_edits(str(tmp_path / "pca"), [2], [3.0], "add", tiny, HOOK)
+    (e,) = iv.pca_edits(str(pca_dir), [2], [3.0], "add", tiny, HOOK)
     torch.testing.assert_close(iv.Intervention([e]).apply(x[None])[0], x + 3.0 * C[2], rtol=1e-5, atol=1e-5)
-    df = iv.steer(TEXT, model=tiny, hook=HOOK, pca=str(tmp_path / "pca"), components=[0], coefs=[30.0],
+    df = iv.steer(TEXT, model=tiny, hook=HOOK, pca=str(pca_dir), components=[0], coefs=[30.0],
                   max_new_tokens=3)
     assert df.attrs["edits"] == ["PC0 add 30"]
     with pytest.raises(WorkbenchError, match="out of range"):
-        iv.pca_edits(str(tmp_path / "pca"), [3], [1.0], "add", tiny, HOOK)
+        iv.pca_edits(str(pca_dir), [3], [1.0], "add", tiny, HOOK)
     with pytest.raises(WorkbenchError, match="not 'blocks.1.hook_resid_post'"):
-        iv.pca_edits(str(tmp_path / "pca"), [0], [1.0], "add", tiny, "blocks.1.hook_resid_post")
+        iv.pca_edits(str(pca_dir), [0], [1.0], "add", tiny, "blocks.1.hook_resid_post")
+    with pytest.raises(WorkbenchError, match="fitted on model 'tiny-random', not 'other'"):
+        iv.pca_edits(str(pca_dir), [0], [1.0], "add", type("M", (), {"name": "other"})(), HOOK)
+    # read through the typed reader: a cut-down folder of kind pca is refused, naming what is missing
+    from workbench.results import write_result
+    write_result(tmp_path / "cut", "pca", {"model": "tiny-random", "hook": HOOK}, tensors={"components": C})
+    with pytest.raises(WorkbenchError, match="has no 'store'"):
+        iv.pca_edits(str(tmp_path / "cut"), [0], [1.0], "add", tiny, HOOK)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, tiny):
+    import workbench
+    out = tmp_path_factory.mktemp("store") / "s"
+    workbench.collect(tiny, hooks=[HOOK], corpus="builtin", out=out, max_tokens=192, seq_len=24,
+                      batch_size=8, device="cpu", dtype="float32", progress=False)
+    return out
+
+
+def test_ablate_examples_two_forward_passes(tiny, sae, sae_dir, store_dir):
+    """Zero-ablating a latent at its examples' positions equals two independent forwards (a separately
+    loaded HF model, the SAE-with-error-term activation written in by hand); the recomputed activation
+    equals the SAE code of the stored row."""
+    from workbench.store import ActivationStore
+    st = ActivationStore.open(store_dir)
+    f_rows = sae.encode(st.read(HOOK))                                   # [n_rows, d_sae]
+    latent = int((f_rows > 0).sum(0).argmax())
+    rows = (f_rows[:, latent] > 0).nonzero()[:, 0][:5].tolist()
+    rinfo, seqs = st.rows(), st.sequences()
+    examples = [{"seq": int(rinfo["seq_index"][r]), "pos": int(rinfo["position"][r])} for r in rows]
+    df = iv.ablate_examples(sae_dir, latent, store_dir, examples, model=tiny, n_top=3, batch_size=2)
+    assert list(df["seq"]) == [e["seq"] for e in examples] and len(df) == 5
+    torch.testing.assert_close(torch.tensor(df["activation"].values), f_rows[rows, latent].double(),
+                               rtol=1e-4, atol=1e-5)
+    W = sae.W_dec.detach()
+    for e, r in zip(examples, df.itertuples()):
+        ids = seqs["token_ids"][e["seq"]][None]
+        n_valid = int(seqs["attention_mask"][e["seq"]].sum())
+        ids = ids[:, :n_valid]
+        p = e["pos"]
+
+        def edit(h, p=p):
+            x = h[0].clone()
+            f = sae.encode(x)
+            f2 = f.clone()
+            f2[p, latent] = 0
+            x[p] = sae.decode(f2)[p] + (x[p] - sae.decode(f)[p])         # splice with error term, latent zeroed
+            return x[None].to(h.dtype)
+        with torch.no_grad():
+            lc = _hf_forward(tiny, ids, lambda h: h)[0].double()
+            la = _hf_forward(tiny, ids, edit)[0].double()
+        ce_c = F.cross_entropy(lc[:-1], ids[0, 1:], reduction="none")
+        ce_a = F.cross_entropy(la[:-1], ids[0, 1:], reduction="none")
+        if p + 1 < n_valid:
+            assert r.d_loss_next == pytest.approx(float(ce_a[p] - ce_c[p]), rel=1e-3, abs=1e-5)
+            nxt = int(ids[0, p + 1])
+            assert r.d_logit_next == pytest.approx(float(la[p, nxt] - lc[p, nxt]), rel=1e-3, abs=1e-5)
+        assert r.d_loss_after == pytest.approx(float((ce_a[p:] - ce_c[p:]).sum()), rel=1e-3, abs=1e-5)
+        lpc, lpa = torch.log_softmax(lc[p], -1), torch.log_softmax(la[p], -1)
+        assert r.kl == pytest.approx(float((lpc.exp() * (lpc - lpa)).sum()), rel=1e-3, abs=1e-7)
+        assert float((lc[:p] - la[:p]).abs().sum()) < 1e-4    # causal: nothing before p moves
+    assert abs(float(W[latent].norm())) > 0 and df["kl"].gt(0).all()
+    assert len(df.attrs["promotes"]) == 6 and df.attrs["promotes"][0]["value"] >= df.attrs["promotes"][-1]["value"]
+    with pytest.raises(WorkbenchError, match="latent 256 is out of range"):
+        iv.ablate_examples(sae_dir, 256, store_dir, examples, model=tiny)
+    with pytest.raises(WorkbenchError, match=r"example \(seq 9999"):
+        iv.ablate_examples(sae_dir, latent, store_dir, [(9999, 0)], model=tiny)
+
+
+def test_steer_and_attribute_results_read_back(tiny, sae_dir, tmp_path):
+    """--out results come back through their typed readers as the DataFrames the API returned."""
+    import pandas as pd
+    from workbench.steps import run_step
+    from workbench.steps.interventions import read_attribute_result, read_steer_result
+    kw = dict(model="tiny-random", latents=[3], values=[80.0], mode="add", max_new_tokens=4)
+    run_step("steer", {"prompt": TEXT, "sae": str(sae_dir), "latent": [3], "value": [80.0], "mode": "add",
+                       "model": "tiny-random", "max_new_tokens": 4, "out": str(tmp_path / "st")})
+    r = read_steer_result(tmp_path / "st")
+    want = iv.steer(TEXT, sae=sae_dir, **kw)
+    assert (r.unsteered, r.steered, r.edits) == (want.attrs["unsteered"], want.attrs["steered"], want.attrs["edits"])
+    pd.testing.assert_frame_equal(r.table[list(want.columns)], want, check_dtype=False, rtol=1e-6)
+    run_step("attribute", {"text": TEXT, "sae": str(sae_dir), "n_exact": 3, "out": str(tmp_path / "at")})
+    a = read_attribute_result(tmp_path / "at")
+    want = iv.attribute(TEXT, sae=sae_dir, n_exact=3)
+    assert a.tokens == want.attrs["tokens"] and a.agreement["n"] == 3
+    pd.testing.assert_frame_equal(a.table[list(want.columns)], want, check_dtype=False, rtol=1e-6)
+    # text columns stay text: tokens that pandas would read as NaN / numbers survive
+    tricky = want.head(4).assign(token=["NA", "nan", "", "12"])
+    tricky.to_csv(tmp_path / "at" / "table.csv", index=False)
+    assert list(read_attribute_result(tmp_path / "at").table["token"]) == ["NA", "nan", "", "12"]
+    with pytest.raises(WorkbenchError, match="holds a 'attribute' result, expected 'steer'"):
+        read_steer_result(tmp_path / "at")
 
 
 def test_bad_input(tiny, sae_dir, tmp_path):

@@ -10,14 +10,33 @@ import pytest
 import torch
 
 from analyses.sae import default_lr, save_saelens, train_sae
+from analyses.sae.train import default_batch_size
 from test_sae_helpers import mmcs, one_thread, synthetic  # noqa: F401  (one_thread: autouse)
 
 
-@pytest.mark.parametrize("d, n_true, active", [(64, 128, 4), (64, 256, 4)])
+# 16 of 128 active in 64 dims: at batch 4096 (122 steps) the same lr stops at MMCS ~0.57
+@pytest.mark.parametrize("d, n_true, active", [(64, 128, 16), (64, 256, 8)])
 def test_default_hyperparameters_recover_features(d, n_true, active):
     X, F = synthetic(n=100_000, d=d, n_features=n_true, active=active, seed=11, offset=0.0)
     sae = train_sae(X, arch="topk", d_sae=n_true, k=active, n_tokens=5 * X.shape[0], progress=False)
-    assert mmcs(sae, F) >= 0.95, (mmcs(sae, F), sae.cfg.metadata["workbench"]["lr"])
+    wb = sae.cfg.metadata["workbench"]
+    assert mmcs(sae, F) >= 0.95, (mmcs(sae, F), wb["lr"], wb["batch_size"])
+    assert wb["batch_size"] == 500 and wb["steps"] == 1000
+
+
+def test_default_batch_size_gives_enough_steps(monkeypatch):
+    # 4096 (SAELens' train_batch_size_tokens) for runs of >= 1000 x 4096 tokens, else ~1000 steps, >= 256
+    assert default_batch_size(10 ** 8) == 4096 and default_batch_size(4_096_000) == 4096
+    assert default_batch_size(500_000) == 500 and default_batch_size(1000) == 256
+    # a callable source without n_tokens: one counted pass decides (10 target steps keep it cheap)
+    import analyses.sae.train as train_mod
+    monkeypatch.setattr(train_mod, "TARGET_STEPS", 10)
+    X = torch.randn(5000, 8)
+    sae = train_sae(lambda e: X.split(700), arch="topk", d_sae=16, k=2, progress=False, lr=1e-3)
+    assert sae.cfg.metadata["workbench"]["batch_size"] == 500 and sae.cfg.metadata["workbench"]["steps"] == 10
+    sae = train_sae(lambda e: X.split(700), arch="topk", d_sae=16, k=2, progress=False, batch_size=1000,
+                    n_tokens=3000)
+    assert sae.cfg.metadata["workbench"]["batch_size"] == 1000 and sae.cfg.metadata["workbench"]["steps"] == 3
 
 
 def test_default_lr_rule():
@@ -28,6 +47,12 @@ def test_default_lr_rule():
     assert default_lr(128) == pytest.approx(2e-2)
     lrs = [default_lr(2 ** i) for i in range(4, 20)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # given d_in, small SAEs get at most 1.28 / d_in (measured best: ~2e-2 at d_in 64, ~5e-3 at 256)
+    assert default_lr(128, 64) == pytest.approx(2e-2)
+    assert default_lr(512, 256) == pytest.approx(5e-3)
+    assert default_lr(1024, 256) == pytest.approx(5e-3)
+    assert default_lr(4608, 576) == pytest.approx(2e-4 * (2 ** 14 / 4608) ** 1.5)   # the d_sae rule binds
+    assert default_lr(2 ** 16, 4096) == pytest.approx(1e-4)   # 16k+ regime unchanged
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])

@@ -62,6 +62,22 @@ def test_train_eval_export_steps(store, tmp_path):
     assert r3.summary["format"] == "sparsify"
 
 
+def test_train_sae_default_batch_size_is_the_trainers_rule(store, tmp_path):
+    """The CLI default is the good path: no --batch-size means the trainer's rule (enough steps for a
+    short run), not a fixed 4096 that gives a 40k-row run ten optimiser steps."""
+    from analyses.sae.train import default_batch_size
+    from workbench.steps import run_step
+    s, _ = store
+    r = run_step("train_sae", {"store": str(s.path), "hook": "blocks.0.hook_resid_post", "d_sae": 32, "k": 3,
+                               "n_tokens": 300_000, "out": str(tmp_path / "sae"), "eval_tokens": 0,
+                               "progress": False, "holdout": 0.0})
+    assert r.summary["batch_size"] == default_batch_size(300_000) == 300
+    from workbench.errors import WorkbenchError
+    with pytest.raises(WorkbenchError, match="batch-size"):
+        run_step("train_sae", {"store": str(s.path), "hook": "blocks.0.hook_resid_post", "batch_size": -5,
+                               "out": str(tmp_path / "sae2"), "progress": False})
+
+
 def test_step_errors(store, tmp_path):
     from workbench.errors import WorkbenchError
     from workbench.steps import STEPS, run_step

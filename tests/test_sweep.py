@@ -339,3 +339,99 @@ def test_examples_validate():
     for f in sorted((ROOT / "examples").glob("*.toml")):
         spec = sweep.load(f)
         assert spec.models and spec.steps, f
+
+
+# ---------------------------------------------------------------- [match_saes]: pairs of SAEs
+def match_sweep(**over) -> dict:
+    d = {"sweep": {"name": "pairs"},
+         "models": [{"spec": "tiny-random", "name": "tiny", "hooks": ["blocks.*.hook_resid_post"]}],
+         "corpus": {"spec": "builtin", "max_tokens": 512, "seq_len": 32},
+         "collect": {"batch_size": 8, "progress": False},
+         "train_sae": {"d_sae": 16, "k": 4, "seed": [0, 1], "eval_tokens": 0, "progress": False},
+         "match_saes": {"pairs": ["seed", "layer"], "n_shuffles": 3, "threshold": 0.25}}
+    d.update(over)
+    return d
+
+
+def test_match_saes_pairs_seeds_and_layers_and_writes_the_layer_matrix(tmp_path):
+    from workbench.steps.match import read_match_result
+    from workbench.steps.match_layers import read_match_layers_result
+    ws = tmp_path / "ws"
+    df = sweep.run(match_sweep(), workspace=ws, progress=False)
+    assert set(df["outcome"]) == {"done"}, df[["node", "outcome", "error"]]
+    nodes = {n.key: n for n in sweep.plan(match_sweep(), ws).order()}
+    saes = {(n.labels["hook"], n.labels["seed"]): n for n in nodes.values() if n.step == "train_sae"}
+    h0, h1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    matches = [n for n in nodes.values() if n.step == "match_saes"]
+    # seed pairs: same hook, seeds 0 and 1; layer pairs: hooks 0 and 1 AND different seeds (one
+    # seed is one initial dictionary: a same-seed pair would match partly by its initialisation)
+    want = {(saes[(h, 0)].key, saes[(h, 1)].key) for h in (h0, h1)} | \
+           {(saes[(h0, s)].key, saes[(h1, 1 - s)].key) for s in (0, 1)}
+    assert {(n.labels["sae"], n.labels["sae_b"]) for n in matches} == want
+    for n in matches:
+        r = read_match_result(n.out)
+        assert Path(n.out).parent == ws.resolve() / "results"          # the one output rule
+        assert (r.sae_a, r.sae_b) == (nodes[n.labels["sae"]].out, nodes[n.labels["sae_b"]].out)
+        assert r.align == "same" and r.meta["hook_a"] == n.labels["hook"] and r.meta["hook_b"] == n.labels["hook_b"]
+        assert set(n.deps) == {n.labels["sae"], n.labels["sae_b"], "collect/tiny"}
+    layers = [n for n in nodes.values() if n.step == "match_layers"]
+    assert len(layers) == 2                                           # one per seed
+    for n in layers:
+        lr = read_match_layers_result(n.out)
+        (m,) = [x for x in matches if x.key in n.deps]
+        r = read_match_result(m.out)
+        assert lr.hooks == [h0, h1] and lr.threshold == r.threshold == 0.25
+        assert lr.fraction[0][0] is None and lr.fraction[1][1] is None
+        # the cell is the match's own number (computed there from its correlations)
+        assert 0 < r.fraction_mutual_above_threshold < 1
+        assert lr.fraction[0][1] == lr.fraction[1][0] == pytest.approx(r.fraction_mutual_above_threshold)
+        assert lr.svcca[0][1] == pytest.approx(r.scores["svcca"]["score"])
+    df2 = sweep.run(match_sweep(), workspace=ws, progress=False)     # identities stable: all cached
+    assert set(df2["outcome"]) == {"cached"}
+
+
+def test_match_saes_width_and_model_pairs_are_planned(tmp_path):
+    d = match_sweep(train_sae={"d_sae": [16, 32], "k": 4}, match_saes={"pairs": "width"})
+    nodes = sweep.plan(d, tmp_path / "w", create=False).order()
+    m = [n for n in nodes if n.step == "match_saes"]
+    assert len(m) == 2 and all(n.labels["hook"] == n.labels["hook_b"] for n in m)
+    assert {(n.config["sae_a"].split("d_sae_")[1][:2], n.config["sae_b"].split("d_sae_")[1][:2]) for n in m} \
+        == {("16", "32")}
+    assert not any(n.step == "match_layers" for n in nodes)
+    # one seed in the sweep: a layer pair has to share it
+    one = match_sweep(train_sae={"d_sae": 16, "k": 4}, match_saes={"pairs": "layer"})
+    (n,) = [n for n in sweep.plan(one, tmp_path / "o", create=False).order() if n.step == "match_saes"]
+    assert (n.labels["hook"], n.labels["hook_b"]) == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    two = match_sweep(models=[{"spec": "tiny-random", "name": "a", "hooks": ["blocks.1.hook_resid_post"]},
+                              {"spec": "tiny-random:layers=2,d_model=32", "name": "b",
+                               "hooks": ["blocks.{0,1}.hook_resid_post"]}],
+                      train_sae={"d_sae": 16, "k": 4}, match_saes={"pairs": "model", "models": ["a", "b"]})
+    m = [n for n in sweep.plan(two, tmp_path / "m", create=False).order() if n.step == "match_saes"]
+    assert sorted((n.labels["model"], n.labels["hook"], n.labels["model_b"], n.labels["hook_b"]) for n in m) == [
+        ("a", "blocks.1.hook_resid_post", "b", "blocks.0.hook_resid_post"),
+        ("a", "blocks.1.hook_resid_post", "b", "blocks.1.hook_resid_post")]
+    plan = {n.key: n for n in sweep.plan(two, tmp_path / "m", create=False).order()}
+    assert all({"collect/a", "collect/b"} <= set(n.deps) for n in m)
+    assert all((n.config["store"], n.config["store_b"]) == (plan["collect/a"].out, plan["collect/b"].out)
+               for n in m)
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda d: d["match_saes"].pop("pairs"), ["[match_saes].pairs", "missing", "seed"]),
+    (lambda d: d["match_saes"].update(pairs=["seed", "colour"]), ["[match_saes].pairs", "'colour'", "width"]),
+    (lambda d: d["match_saes"].update(store="x"), ["[match_saes].store", "set by the sweep"]),
+    (lambda d: d["match_saes"].update(sae_b="x"), ["[match_saes].sae_b", "set by the sweep"]),
+    (lambda d: d.pop("train_sae"), ["[match_saes]", "trains none"]),
+    (lambda d: d.update(match_layers={"threshold": 0.5}), ["[match_layers]", "no input the sweep can wire",
+                                                           "pairs = \"layer\" adds it"]),
+    (lambda d: d["train_sae"].update(seed=0), ["[match_saes].pairs", "differ only in 'seed'", "seed = [0, 1]"]),
+    (lambda d: d["match_saes"].update(pairs="model"), ["[match_saes].pairs", "differ only in 'model'"]),
+])
+def test_invalid_match_saes_tables_fail_up_front(tmp_path, mutate, expect):
+    d = match_sweep()
+    mutate(d)
+    with pytest.raises(SweepError) as e:
+        sweep.plan(d, tmp_path / "ws", create=False)
+    for s in expect:
+        assert s in str(e.value), str(e.value)
+    assert not (tmp_path / "ws").exists()

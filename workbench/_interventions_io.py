@@ -3,6 +3,7 @@ others (an SAE or PCA result made on another model or hook is refused, naming bo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -109,10 +110,11 @@ def encode_rows(sae: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def pca_edits(path: str, components: Iterable[int], coefs: Iterable[float], mode: str, model, hook: str):
-    """Edits along principal components of a `pca` result made on this model and hook."""
+    """Edits along principal components of a `pca` result made on this model and hook (read through
+    its typed reader, ``steps.pca.read_pca_result``)."""
     from .interventions import MODES, Edit
-    from .results import read_result, read_tensors
-    meta = read_result(path, "pca")          # WorkbenchError for a missing / incomplete / other result
+    from .steps.pca import read_pca_result
+    r = read_pca_result(path)                # WorkbenchError for a missing / incomplete / other result
     comps, coefs = [int(c) for c in components], [float(c) for c in coefs]
     if not comps:
         raise WorkbenchError("--pca needs --component (which principal component, 0-based)")
@@ -123,18 +125,24 @@ def pca_edits(path: str, components: Iterable[int], coefs: Iterable[float], mode
                              "for all, or one per --component")
     if mode not in MODES:
         raise WorkbenchError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if meta.get("model") and str(meta["model"]) != str(model.name):
-        raise WorkbenchError(f"the PCA result {path} was fitted on model {meta['model']!r}, not {model.name!r}")
-    if meta.get("hook") and model.canonical(meta["hook"]) != model.canonical(hook):
-        raise WorkbenchError(f"the PCA result {path} is of hook {meta['hook']!r}, not {hook!r}")
-    t = read_tensors(path)
+    for c in coefs:
+        if not math.isfinite(c):
+            raise WorkbenchError(f"PCA coefficients must be finite numbers, got {c}")
+    if r.model and str(r.model) != str(model.name):
+        raise WorkbenchError(f"the PCA result {path} was fitted on model {r.model!r}, not {model.name!r}")
+    if model.canonical(r.hook) != model.canonical(hook):
+        raise WorkbenchError(f"the PCA result {path} is of hook {r.hook!r}, not {hook!r}")
+    t = r.tensors
+    if "components" not in t:
+        raise WorkbenchError(f"{path}: the pca result has no 'components' tensor; rerun the pca step")
     C = t["components"].float()
     if C.shape[1] != model.d(hook):
         raise WorkbenchError(f"the PCA components have d={C.shape[1]} but {hook} has d={model.d(hook)}")
+    mean = t["mean"].float() if "mean" in t else None
     out = []
     for j, c in zip(comps, coefs):
         if not 0 <= j < C.shape[0]:
             raise WorkbenchError(f"component {j} is out of range: {path} has k={C.shape[0]} (0..{C.shape[0] - 1})")
         u = C[j] / C[j].norm().clamp_min(1e-12)
-        out.append(Edit(c, mode, direction=u, center=t.get("mean"), label=f"PC{j} {mode} {c:g}"))
+        out.append(Edit(c, mode, direction=u, center=mean, label=f"PC{j} {mode} {c:g}"))
     return out

@@ -48,6 +48,8 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
                 p.add_argument(f.name, type=base, **kw)
         elif base is bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, **kw)
+        elif md.get("many"):   # a scalar that may be a grid: --d-sae 4608 9216 (see config_from_args)
+            p.add_argument(*names, nargs="+", action="extend", type=base, default=None, **kw)
         elif is_list:
             # repeatable, and each occurrence may hold several values: --hooks a b --hooks c
             p.add_argument(*names, nargs="+", action="extend", type=base, default=None, **kw)
@@ -63,6 +65,10 @@ def config_from_args(config_cls: type, ns: argparse.Namespace) -> dict[str, Any]
         v = getattr(ns, f.name)
         if v is None and f.default_factory is not dataclasses.MISSING:
             continue   # list option not given: keep the dataclass default
+        if (f.metadata or {}).get("many") and not (f.metadata or {}).get("positional"):
+            if v is None:
+                continue   # grid option not given: the dataclass default
+            v = v[0] if len(v) == 1 else list(v)
         out[f.name] = v
     return out
 

@@ -6,7 +6,9 @@
 - the corpus is packed into windows of ``seq_len`` tokens, one document per window
   (``workbench.corpus.pack``), batched ``batch_size`` windows at a time (right padding, each batch
   trimmed to its longest window) and run under ``torch.inference_mode`` through ``model.run``,
-  which stops after the deepest hooked layer;
+  which stops after the deepest hooked layer and runs attention fused (SDPA) unless a hook needs
+  the attention pattern; the next batches are tokenised in a background thread meanwhile
+  (``READ_AHEAD`` batches ahead; the windows and their order are the same either way);
 - the rows kept are the real tokens (``attention_mask``), minus the special tokens excluded by
   ``special_tokens``; padding never becomes a row. Rows are ordered by (sequence, position);
 - exactly ``max_tokens`` rows are collected (the last window may contribute only its first rows;
@@ -49,12 +51,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .corpus import corpus_fingerprint, iter_documents, pack
+from .corpus import ReadAhead, corpus_fingerprint, iter_documents, pack
 from .errors import OutputExists, WorkbenchError
 from .logs import bar as bar_for
 from .store import (DTYPES, MANIFEST, ActivationStore, StoreWriter, _settings_diff, dtype_name)
 
 SPECIAL_KINDS = ("bos", "eos", "cls", "sep", "pad")
+READ_AHEAD = 4      # batches of windows tokenised ahead in a background thread (0: inline)
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +155,9 @@ def collect(model: Any, hooks: str | Sequence[str], corpus: str = "builtin", out
         special_tokens={"mode": plan.mode, "excluded_ids": plan.excluded,
                         "special_ids": plan.special},
         documents=names,
-        extra={"model_kind": getattr(model, "kind", None), "prepend_bos": plan.prepend_bos},
+        extra={"model_kind": getattr(model, "kind", None), "prepend_bos": plan.prepend_bos,
+               "attention": (model.attention_for(plan.hooks) if hasattr(model, "attention_for")
+                             else None)},
         stats={"tokens": writer.n_rows, "exhausted": bool(exhausted and writer.n_rows < max_tokens),
                "seconds_last_run": round(seconds, 3),
                "tokens_per_s_last_run": round(rows_new / seconds, 1) if seconds > 0 else None},
@@ -250,13 +255,18 @@ class _Plan:
 
 def _batch_rows(batch: list, plan: _Plan, pad_id: int, excl: torch.Tensor, remaining: int):
     """Token ids, mask and the rows to keep of one batch of windows, planned on the CPU before
-    any compute; the batch that reaches max_tokens is cut at exactly `remaining` rows."""
+    any compute; the batch that reaches max_tokens is cut at exactly `remaining` rows. Last: the
+    character end of every token ([n, seq_len] int32, -1 for specials / padding) or None."""
     n = len(batch)
     ids = torch.full((n, plan.seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((n, plan.seq_len), dtype=torch.bool)
+    ends = torch.full((n, plan.seq_len), -1, dtype=torch.int32) if all(
+        getattr(w, "char_end", None) is not None for w in batch) else None
     for i, w in enumerate(batch):
         ids[i, :len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
         mask[i, :len(w.ids)] = True
+        if ends is not None:
+            ends[i, :len(w.ids)] = torch.tensor(w.char_end, dtype=torch.int32)
     keep = mask.clone()
     if len(excl):
         keep &= ~torch.isin(ids, excl)
@@ -269,7 +279,7 @@ def _batch_rows(batch: list, plan: _Plan, pad_id: int, excl: torch.Tensor, remai
         if over > 0:
             flat[flat.nonzero()[-over:, 0]] = False
             keep = flat.reshape(keep.shape)
-    return batch, ids, mask, keep
+    return batch, ids, mask, keep, (None if ends is None else ends[:len(batch)])
 
 
 def _run(model, plan: _Plan, docs: "_Docs", writer: StoreWriter, progress: bool,
@@ -287,11 +297,12 @@ def _run(model, plan: _Plan, docs: "_Docs", writer: StoreWriter, progress: bool,
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
     pending: cf.Future | None = None
     rows_new, max_doc, exhausted = 0, -1, True
+    ahead = ReadAhead(_batches(windows, plan.batch_size), READ_AHEAD)   # tokenise while computing
     try:
         buf = _ShardBuffer(plan.hooks)
         seq_counter, rows_total = 0, 0
-        for batch in _batches(windows, plan.batch_size):
-            batch, ids, mask, keep = _batch_rows(batch, plan, pad_id, excl, plan.max_tokens - rows_total)
+        for batch in ahead:
+            batch, ids, mask, keep, ends = _batch_rows(batch, plan, pad_id, excl, plan.max_tokens - rows_total)
             n, L = len(batch), max(len(w.ids) for w in batch)
             n_rows = int(keep.sum())
             rows_total += n_rows
@@ -309,7 +320,8 @@ def _run(model, plan: _Plan, docs: "_Docs", writer: StoreWriter, progress: bool,
                 rows = {h: acts[h].reshape(n, L, -1)[kd].to(plan.st_dtype).to("cpu") for h in plan.hooks}
             del acts
             si, po = k.nonzero(as_tuple=True)
-            buf.add(rows, si + seq_start, po, ids, mask, torch.tensor([w.doc_id for w in batch]))
+            buf.add(rows, si + seq_start, po, ids, mask, torch.tensor([w.doc_id for w in batch]),
+                    ends)
             max_doc = max(max_doc, max(w.doc_id for w in batch))
             rows_new += n_rows
             if bar is not None:
@@ -328,6 +340,7 @@ def _run(model, plan: _Plan, docs: "_Docs", writer: StoreWriter, progress: bool,
         if pending is not None:
             pending.result()
     finally:
+        ahead.close()
         if bar is not None:
             bar.close()
         pool.shutdown(wait=True)   # an in-flight shard write completes (it is atomic either way)
@@ -350,10 +363,10 @@ class _ShardBuffer:
     def __init__(self, hooks: list[str]):
         self.hooks = hooks
         self.acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-        self.si, self.po, self.tok, self.mask, self.doc = [], [], [], [], []
+        self.si, self.po, self.tok, self.mask, self.doc, self.ends = [], [], [], [], [], []
         self.n_batches = 0
 
-    def add(self, rows, si, po, tok, mask, doc):
+    def add(self, rows, si, po, tok, mask, doc, ends=None):
         for h in self.hooks:
             self.acts[h].append(rows[h])
         self.si.append(si)
@@ -361,11 +374,13 @@ class _ShardBuffer:
         self.tok.append(tok)
         self.mask.append(mask)
         self.doc.append(doc)
+        self.ends.append(ends)
         self.n_batches += 1
 
     def tensors(self):
         return ({h: torch.cat(v) for h, v in self.acts.items()}, torch.cat(self.si), torch.cat(self.po),
-                torch.cat(self.tok), torch.cat(self.mask), torch.cat(self.doc))
+                torch.cat(self.tok), torch.cat(self.mask), torch.cat(self.doc),
+                torch.cat(self.ends) if self.ends and all(e is not None for e in self.ends) else None)
 
 
 def _submit(pool: cf.ThreadPoolExecutor, pending: cf.Future | None, writer: StoreWriter,

@@ -10,8 +10,20 @@ Corpus specs (``iter_documents(spec)``):
   each, sorted by name). Deterministic for a given Python version (~2M characters, ~0.5M tokens).
 - ``PATH.txt`` — one document (the whole file); ``PATH.txt:lines`` — one document per non-empty
   line; ``PATH.txt:paragraphs`` — one per blank-line-separated paragraph.
-- ``FOLDER`` — every ``*.txt`` / ``*.md`` file below it, sorted, one document each.
+- ``FOLDER[:field]`` — every ``*.txt`` / ``*.md`` / ``*.jsonl`` file below it, sorted by path: a
+  text file is one document, a ``.jsonl`` file one document per line (text in ``field``, default
+  ``text``).
 - ``PATH.jsonl[:field]`` — one document per line, text in ``field`` (default ``text``).
+
+Streaming: nothing reads a whole corpus. Files are opened one at a time as documents are asked
+for, ``.jsonl`` and ``:lines`` / ``:paragraphs`` files line by line, ``hf:`` with
+``datasets(streaming=True)``. A text file larger than ``BIG_FILE`` bytes (8 MiB) is one document
+whose text is never held whole: ``Document.text`` is empty and ``Document.pieces()`` yields it in
+pieces of about ``PIECE_CHARS`` characters (1 Mi), each cut between a letter and the whitespace
+after it (a line end preferred; anywhere only in 2 Mi characters without one), and ``pack``
+tokenises it piece by piece. Byte-level BPE (GPT-2, Llama 3, SmolLM2) and WordPiece (BERT)
+pre-tokenisers split there anyway, so the tokens equal those of the whole text (tested);
+SentencePiece tokenizers that add a dummy prefix space may differ at the cuts.
 - ``hf:NAME[:split[:field]]`` — a Hugging Face dataset (split ``train``, field ``text`` by
   default), streamed with ``datasets``; needs the network (or ``HF_DATASETS_OFFLINE=1`` and a
   cached copy). Offline it fails at once with a clear message.
@@ -31,14 +43,16 @@ builtin corpus uses whole modules as documents, so few windows are short.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import os
+import re
 import socket
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import NotFound, WorkbenchError
 
@@ -51,16 +65,22 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "ensurepip", "lib2to3", 
 
 @dataclass
 class Document:
+    """One document. ``pieces``: set for files over ``BIG_FILE`` bytes, whose ``text`` is ''
+    and whose text comes in pieces (see the module docstring)."""
     id: int
     name: str
     text: str
+    pieces: Callable[[], Iterator[str]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
 class Window:
-    """One packed sequence: token ids including special tokens (unpadded) and its document."""
+    """One packed sequence: token ids including special tokens (unpadded) and its document.
+    ``char_end``: per token, the character of the document where it ends (-1 for special
+    tokens); None when the tokenizer gives no offsets (slow tokenizers)."""
     doc_id: int
     ids: list[int]
+    char_end: list[int] | None = None
 
 
 # ------------------------------------------------------------------------------- documents
@@ -71,10 +91,14 @@ def iter_documents(spec: str) -> Iterator[Document]:
     return _number(source)
 
 
-def _number(texts: Iterable[tuple[str, str]]) -> Iterator[Document]:
+def _number(texts: Iterable[tuple[str, Any]]) -> Iterator[Document]:
     i = 0
     for name, text in texts:
-        if text and text.strip():
+        if isinstance(text, _BigFile):
+            if text.has_text():
+                yield Document(i, name, "", pieces=text.pieces)
+                i += 1
+        elif text and text.strip():
             yield Document(i, name, text)
             i += 1
 
@@ -94,12 +118,13 @@ def _source(spec: str) -> Iterator[tuple[str, str]]:
     if not p.exists():
         raise NotFound(f"corpus not found: {path} (no such file or folder); {SPEC_HELP}")
     if p.is_dir():
-        if mode:
-            raise WorkbenchError(f"corpus {spec!r}: a folder takes no ':{mode}' suffix")
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".md"))
+        files = _folder_files(p)
         if not files:
-            raise WorkbenchError(f"corpus folder {p} has no .txt or .md files")
-        return ((str(f.relative_to(p)), _read_text(f)) for f in files)
+            raise WorkbenchError(f"corpus folder {p} has no .txt, .md or .jsonl files")
+        if mode and not any(f.suffix.lower() == ".jsonl" for f in files):
+            raise WorkbenchError(f"corpus {spec!r}: a folder's ':{mode}' suffix names the text field "
+                                 f"of its .jsonl files, and {p} has none")
+        return _folder(p, files, mode or "text")
     if p.suffix.lower() == ".jsonl":
         return _jsonl(p, mode or "text")
     if mode not in (None, "lines", "paragraphs"):
@@ -120,37 +145,128 @@ def corpus_fingerprint(spec: str) -> dict[str, Any]:
             st = p.stat()
             fp.update(bytes=st.st_size, mtime=int(st.st_mtime))
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".md"))
+            files = _folder_files(p)
             fp.update(files=len(files), bytes=sum(f.stat().st_size for f in files),
                       mtime=max((int(f.stat().st_mtime) for f in files), default=0))
     return fp
 
 
+BIG_FILE = 8 << 20          # bytes: a text file above this is one document read in pieces
+PIECE_CHARS = 1 << 20       # characters per piece of such a file (and per read of :lines files)
+_FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
+# what str.splitlines() splits on (after universal-newline decoding, which turns \r\n, \r into \n)
+_LINE_ENDS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _folder_files(p: Path) -> list[Path]:
+    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _FOLDER_SUFFIXES)
+
+
+def _folder(root: Path, files: list[Path], field: str) -> Iterator[tuple[str, Any]]:
+    """A folder's documents, opening one file at a time."""
+    for f in files:
+        name = f.relative_to(root).as_posix()
+        if f.suffix.lower() == ".jsonl":
+            yield from _jsonl(f, field, label=name)
+        else:
+            yield from _text_file(f, None, label=name)
+
+
+def _open_text(p: Path):
+    return open(p, encoding="utf-8", errors="replace")     # universal newlines, as read_text
+
+
 def _read_text(p: Path) -> str:
-    return p.read_text(encoding="utf-8", errors="replace")
+    with _open_text(p) as f:
+        return f.read()
 
 
-def _text_file(p: Path, mode: str | None) -> Iterator[tuple[str, str]]:
-    text = _read_text(p)
+class _BigFile:
+    """A text file over BIG_FILE bytes: one document, read in pieces when it is packed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def has_text(self) -> bool:
+        return any(piece.strip() for piece in self.pieces())
+
+    def pieces(self) -> Iterator[str]:
+        """The text in pieces of about PIECE_CHARS, cut where tokenizers split anyway."""
+        with _open_text(self.path) as f:
+            carry = ""
+            while True:
+                chunk = f.read(PIECE_CHARS)
+                text = carry + chunk
+                if not chunk:
+                    if text:
+                        yield text
+                    return
+                cut = _cut(text)
+                if cut <= 0:
+                    carry = text
+                    continue
+                yield text[:cut]
+                carry = text[cut:]
+
+
+# a letter followed by a line end / by any whitespace: no pre-tokeniser regex of GPT-2, Llama 3
+# (SmolLM2) or BERT puts both in one pre-token, and none looks back across it
+_CUT_LINE = re.compile(r"(?<=[^\W\d_])(?=[\r\n])")
+_CUT_SPACE = re.compile(r"(?<=[^\W\d_])(?=\s)")
+
+
+def _cut(text: str) -> int:
+    """Where to end a piece of `text`: at the last letter followed by a line end in its second
+    half; else the last letter followed by whitespace; else (no such place) at the end once the
+    text is two pieces long. 0: no cut yet (read more first)."""
+    lo = len(text) // 2
+    for pattern in (_CUT_LINE, _CUT_SPACE):
+        last = None
+        for m in pattern.finditer(text, lo):
+            last = m
+        if last is not None:
+            return last.start()
+    return len(text) if len(text) >= 2 * PIECE_CHARS else 0
+
+
+def _lines(p: Path) -> Iterator[str]:
+    """The lines of a text file as ``str.splitlines()`` gives them, read PIECE_CHARS at a time."""
+    with _open_text(p) as f:
+        carry = ""
+        while True:
+            chunk = f.read(PIECE_CHARS)
+            if not chunk:
+                break
+            parts = (carry + chunk).splitlines(keepends=True)
+            carry = parts.pop()      # may be incomplete: joined with the next chunk
+            for line in parts:
+                yield line[:-1]      # one end character (no \r\n left after decoding)
+        if carry:
+            yield carry[:-1] if carry[-1] in _LINE_ENDS else carry
+
+
+def _text_file(p: Path, mode: str | None, label: str | None = None) -> Iterator[tuple[str, Any]]:
+    label = label or p.name
     if mode is None:
-        yield p.name, text
+        yield label, (_BigFile(p) if p.stat().st_size > BIG_FILE else _read_text(p))
     elif mode == "lines":
-        for i, line in enumerate(text.splitlines()):
-            yield f"{p.name}:{i + 1}", line
+        for i, line in enumerate(_lines(p)):
+            yield f"{label}:{i + 1}", line
     else:
         para, start = [], 1
-        for i, line in enumerate(text.splitlines() + [""]):
+        for i, line in enumerate(itertools.chain(_lines(p), [""])):
             if line.strip():
                 if not para:
                     start = i + 1
                 para.append(line)
             elif para:
-                yield f"{p.name}:{start}", "\n".join(para)
+                yield f"{label}:{start}", "\n".join(para)
                 para = []
 
 
-def _jsonl(p: Path, field: str) -> Iterator[tuple[str, str]]:
-    with open(p, encoding="utf-8") as f:
+def _jsonl(p: Path, field: str, label: str | None = None) -> Iterator[tuple[str, str]]:
+    label = label or p.name
+    with _open_text(p) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -165,7 +281,7 @@ def _jsonl(p: Path, field: str) -> Iterator[tuple[str, str]]:
             text = obj[field]
             if not isinstance(text, str):
                 raise WorkbenchError(f"{p}:{i}: field {field!r} is {type(text).__name__}, not text")
-            yield f"{p.name}:{i}", text
+            yield f"{label}:{i}", text
 
 
 _BUILTIN_CACHE: list[tuple[str, str]] = []
@@ -300,17 +416,29 @@ def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_token
     group = 1          # documents per tokenizer call: grows 1, 2, 4, ... up to tokenize_batch,
                        # so a small max_tokens does not tokenise far ahead
 
+    fast = bool(getattr(tokenizer, "is_fast", False))   # offsets need a fast (Rust) tokenizer
+
     def flush():
         texts = [d.text for d in pending]
-        enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        for d, ids in zip(pending, enc):
+        extra = {"return_offsets_mapping": True} if fast else {}
+        enc = tokenizer(texts, add_special_tokens=False, verbose=False, **extra)
+        offsets = enc["offset_mapping"] if fast else [None] * len(texts)
+        for d, ids, offs in zip(pending, enc["input_ids"], offsets):
             for j, s in enumerate(range(0, len(ids), body)):
                 if windows_per_doc and j >= windows_per_doc:
                     break
-                yield Window(d.id, prefix + list(ids[s:s + body]) + suffix)
+                ends = None if offs is None else (
+                    [-1] * len(prefix) + [int(e) for _, e in offs[s:s + body]] + [-1] * len(suffix))
+                yield Window(d.id, prefix + list(ids[s:s + body]) + suffix, ends)
         pending.clear()
 
     for d in docs:
+        if getattr(d, "pieces", None) is not None:      # a big file: tokenised piece by piece
+            for w in itertools.chain(flush() if pending else (),
+                                     _pack_pieces(d, tokenizer, prefix, suffix, body, windows_per_doc)):
+                any_window = True
+                yield w
+            continue
         pending.append(d)
         if len(pending) >= group:
             group = min(tokenize_batch, group * 2)
@@ -323,3 +451,105 @@ def pack(docs: Iterable[Document], tokenizer, seq_len: int, *, add_special_token
             yield w
     if not any_window:
         raise WorkbenchError("the corpus has no text (no documents, or only empty ones)")
+
+
+def _pack_pieces(d: Document, tokenizer, prefix: list[int], suffix: list[int], body: int,
+                 windows_per_doc: int) -> Iterator[Window]:
+    """`pack` for a document read in pieces: each piece tokenised alone, tokens carried over
+    into the next piece's windows, character ends counted from the document's start."""
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    extra = {"return_offsets_mapping": True} if fast else {}
+    ids: list[int] = []
+    ends: list[int] | None = [] if fast else None
+    start, n_windows = 0, 0
+
+    def window(a: int, b: int) -> Window:
+        e = None if ends is None else [-1] * len(prefix) + ends[a:b] + [-1] * len(suffix)
+        return Window(d.id, prefix + ids[a:b] + suffix, e)
+
+    for piece in d.pieces():
+        enc = tokenizer([piece], add_special_tokens=False, verbose=False, **extra)
+        ids.extend(enc["input_ids"][0])
+        if ends is not None:
+            ends.extend(start + int(e) for _, e in enc["offset_mapping"][0])
+        start += len(piece)
+        n_full = len(ids) // body
+        for k in range(n_full):
+            yield window(k * body, (k + 1) * body)
+            n_windows += 1
+            if windows_per_doc and n_windows >= windows_per_doc:
+                return
+        del ids[:n_full * body]
+        if ends is not None:
+            del ends[:n_full * body]
+    if ids:
+        yield window(0, len(ids))
+
+
+# ------------------------------------------------------------------------------- read-ahead
+class ReadAhead:
+    """Iterate `items` in a background thread, at most `depth` items ahead (a bounded queue), so
+    tokenising the next batches overlaps the forward pass of this one (Hugging Face fast
+    tokenizers release the GIL while they encode). Yields exactly what `items` yields, in order;
+    an exception raised by `items` is re-raised here. `close()` (also on `with` exit) stops the
+    thread early. depth=0: plain iteration in the caller's thread."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable, depth: int = 4):
+        import queue
+        import threading
+        self.depth = int(depth)
+        self._items = items
+        if self.depth <= 0:
+            return
+        self._q: "queue.Queue" = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((True, item)):
+                    return
+        except BaseException as e:     # noqa: BLE001 - handed to the consumer, raised there
+            self._put((False, e))
+            return
+        self._put((True, self._END))
+
+    def __iter__(self):
+        if self.depth <= 0:
+            yield from self._items
+            return
+        try:
+            while True:
+                ok, item = self._q.get()
+                if not ok:
+                    raise item
+                if item is self._END:
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.depth > 0:
+            self._stop.set()
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

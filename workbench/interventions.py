@@ -27,7 +27,8 @@ fixed): the effect of zero-ablating latent i at position t on a metric m is esti
 from ONE backward pass, for every active (t, i). The exact effect of the top ones (by |estimate|) is
 measured with batched forward passes (x_t -> x_t - f_ti W_dec[i]). Metric ``loss``: the summed
 next-token cross-entropy of the text (nats), so an ablation at t counts its effect on every later
-prediction; metric ``logit``: one token's logit at one position.
+prediction; metric ``logit``: one token's logit at one position. ``ablate_examples`` (in
+_interventions_ablate.py) zero-ablates one latent at its top examples' positions in a store.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from .errors import WorkbenchError
 from ._interventions_io import (check_prompt_length, encode_rows, resolve_model, resolve_sae,  # noqa: F401
                               pca_edits, tokenize, token_id)
+from ._interventions_ablate import ablate_examples  # noqa: F401  (what a latent does, by ablation)
 
 MODES = ("clamp", "add")
 METRICS = ("loss", "logit")
@@ -324,8 +326,8 @@ def _pick_hook(m, hook, sae_obj, sae_hook, pca) -> str:
                              f"{sae_hook} (or pass an SAE trained on {hook})")
     hook = hook or sae_hook
     if not hook and pca:
-        from .results import read_result
-        hook = read_result(pca, "pca").get("hook")
+        from .steps.pca import read_pca_result
+        hook = read_pca_result(pca).hook
     if not hook:
         raise WorkbenchError("which hook? pass --hook (the SAE's metadata has no hook_name)")
     m.resolve_hooks([hook])
@@ -442,4 +444,4 @@ def top_per_token(df, n: int = 5):
 
 
 __all__ = ["Edit", "Intervention", "latent_edits", "generate", "steer", "attribute", "agreement",
-           "top_per_token", "MODES", "METRICS"]
+           "top_per_token", "ablate_examples", "MODES", "METRICS"]

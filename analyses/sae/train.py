@@ -63,10 +63,13 @@ from ._source import SAETrainingError, _as_batch, _Source, _Stream
 from .base import SINGLE, Collective, DistCollective, SAE, SAEConfig, TrainStepInput, validate_config
 from .registry import get_arch
 
-__all__ = ["train_sae", "make_sae", "default_lr", "geometric_median", "SAETrainingError", "RunSettings"]
+__all__ = ["train_sae", "make_sae", "default_lr", "default_batch_size", "geometric_median", "SAETrainingError",
+           "RunSettings"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LR_REF, LR_REF_LATENTS, LR_CAP = 2e-4, 2 ** 14, 2e-2   # see default_lr
+LR_PER_DIN = 1.28          # small-SAE lr is at most LR_PER_DIN / d_in (2e-2 at d_in 64; see default_lr)
+MAX_BATCH, MIN_BATCH, TARGET_STEPS = 4096, 256, 1000   # see default_batch_size
 EXPLODE_FVU = 100.0        # batch FVU above this after warm-up: diverged (see _Trainer._guard)
 EXPLODE_FACTOR = 1e3       # ... or above this multiple of the recent median batch FVU
 FVU_WINDOW = 50            # batch FVUs kept for that median
@@ -91,15 +94,27 @@ def geometric_median(x: torch.Tensor, iters: int = 30, eps: float = 1e-8) -> tor
     return m
 
 
-def default_lr(d_sae: int) -> float:
-    """Adam lr for ``d_sae`` latents. From 2^14 latents up: 2e-4 / sqrt(d_sae / 2^14), the sparsify / OpenAI
-    rule (Gao et al. 2024, fitted on 16k+ latents). Below 2^14 that rule is far too small for the short runs
-    small SAEs get (measured with benchmarks/bench_sae_recovery.py: d_sae 128-512 on synthetic
-    superposition data, ~120 steps, needs lr 1e-2..4e-2; the sqrt rule gives 1.1e-3..2.3e-3 and MMCS
-    0.58-0.73), so there the rule steepens to 2e-4 * (2^14 / d_sae)^1.5, capped at 2e-2. Both pieces give
-    2e-4 at 2^14 latents."""
+def default_lr(d_sae: int, d_in: int | None = None) -> float:
+    """Adam lr for ``d_sae`` latents (on ``d_in``-dim inputs, normalised to E||x||^2 = d_in). From 2^14
+    latents up: 2e-4 / sqrt(d_sae / 2^14), the sparsify / OpenAI rule (Gao et al. 2024, fitted on 16k+
+    latents). Below 2^14 that rule is far too small for the short runs small SAEs get, so there it steepens
+    to 2e-4 * (2^14 / d_sae)^1.5, capped at 2e-2 (both pieces give 2e-4 at 2^14), and, given d_in, is at
+    most LR_PER_DIN / d_in: measured with benchmarks/bench_sae_recovery.py (synthetic superposition,
+    d_sae = 2-4 d_in, ~1000 steps of 500 rows) the best lr falls with d_in: ~2e-2 at d_in 64, 5e-3-1e-2 at
+    128, ~5e-3 at 256 (2e-2 there: MMCS 0.85-0.93 instead of 0.94-0.98). The d_in cap never binds from 2^14
+    latents up unless d_in > 6400."""
     r = LR_REF_LATENTS / max(1, int(d_sae))
-    return LR_REF * math.sqrt(r) if r <= 1 else min(LR_CAP, LR_REF * r ** 1.5)
+    lr = LR_REF * math.sqrt(r) if r <= 1 else min(LR_CAP, LR_REF * r ** 1.5)
+    return min(lr, LR_PER_DIN / d_in) if d_in else lr
+
+
+def default_batch_size(n_tokens: int) -> int:
+    """Rows per optimiser step when the caller gives none: MAX_BATCH (4096, SAELens' default
+    train_batch_size_tokens) once the run has >= TARGET_STEPS * 4096 tokens; for shorter runs, enough
+    steps: n_tokens // TARGET_STEPS, at least MIN_BATCH. Measured (benchmarks/bench_sae_recovery.py): 500k
+    tokens at 4096 rows is 122 steps and leaves synthetic features half-learnt (MMCS 0.57 at d 64, 16
+    active); 1000 steps of 500 rows recover them (0.96)."""
+    return int(min(MAX_BATCH, max(MIN_BATCH, int(n_tokens) // TARGET_STEPS)))
 
 
 def _setup_dist(device: torch.device) -> tuple[Collective, bool]:
@@ -141,29 +156,34 @@ def init_seed(seed: int) -> int:
 
 
 def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int | None = None,
-              n_tokens: int | None = None, batch_size: int = 4096, lr: float | None = None, seed: int = 0,
+              n_tokens: int | None = None, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
               device: str = "auto", checkpoint_dir: str | os.PathLike | None = None,
               checkpoint_every: int | None = None, progress: bool = True, *,
               warmup_steps: int | None = None, decay_frac: float = 0.2, b_dec_init: str = "median",
               normalize: bool = True, autocast: bool | None = None, metadata: dict | None = None,
               callback: Callable[[int, dict], None] | None = None, log_every: int = 10,
               calibration: Any = None, calibration_tokens: int = CALIBRATION_TOKENS,
+              init: str = "random", subspace: Any = None, keep_subspace: bool = False,
               **arch_cfg: Any) -> SAE:
     """Train an SAE and return it acting on raw (unnormalised) activations.
 
     arch: any registered architecture (``analyses.sae.ARCHS``: relu | topk | batchtopk | jumprelu |
-    matryoshka). d_sae defaults to 8 * d_in; k is needed by the TopK family. lr must be > 0; it defaults to
-    :func:`default_lr`. Linear warm-up over ``warmup_steps`` (default 5% of steps, at most 1000) and linear
-    decay to 0 over the last ``decay_frac`` of steps. ``checkpoint_every`` (steps; default ~10 checkpoints
-    per run) applies when ``checkpoint_dir`` is set. ``callback(step, info)`` is called after every step
+    matryoshka). d_sae defaults to 8 * d_in; k is needed by the TopK family. batch_size (rows per step)
+    defaults to :func:`default_batch_size` (4096, fewer for short runs). lr must be > 0; it defaults to
+    :func:`default_lr` (d_sae, d_in). Linear warm-up over ``warmup_steps`` (default 5% of steps, at most
+    1000) and linear decay to 0 over the last ``decay_frac`` of steps. ``checkpoint_every`` (steps; default
+    ~10 checkpoints per run) applies when ``checkpoint_dir`` is set. ``callback(step, info)`` is called after every step
     (info: loss, fvu, l0, dead_fraction, tokens). ``calibration``: held-out rows (same forms as ``source``)
     for the BatchTopK/Matryoshka inference threshold, at most ``calibration_tokens`` of them; without it
-    the last training batches are used. Extra keyword arguments are architecture options of
+    the last training batches are used. ``init="active-subspace"`` draws the decoder rows inside the
+    top-variance subspace of the first batch (``subspace``: variance fraction, default 0.99, a number of
+    directions or a basis [m, d_in]) and ``keep_subspace`` keeps them there (see
+    :mod:`analyses.sae.subspace_init`; Wang et al. 2025). Extra keyword arguments are architecture options of
     :class:`SAEConfig` (aux_k, aux_coef, dead_tokens, l1_coef, l0_coef, bandwidth, init_threshold,
     threshold_ema, matryoshka_widths, ...).
     """
     get_arch(arch)   # ValueError naming the known architectures
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r} (or None for the default "
@@ -177,7 +197,10 @@ def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int 
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", coll.rank % torch.cuda.device_count())))
         torch.cuda.set_device(dev)
     try:
-        src = _Source(source, batch_size, seed)
+        src = _Source(source, batch_size or MAX_BATCH, seed)
+        if batch_size is None:
+            batch_size = default_batch_size(int(n_tokens) if n_tokens is not None else src.count_rows())
+            src.chunk = batch_size
         first = _Stream(src, batch_size).next()
         run = RunSettings.build(arch=arch, d_in=int(first.shape[1]), d_sae=d_sae, k=k, n_tokens=n_tokens,
                                 src=src, batch_size=batch_size, lr=lr, seed=seed, dev=dev,
@@ -189,9 +212,13 @@ def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int 
         # derived, not `seed` itself: data made with torch.randn under the same small seed (synthetic
         # ground truth in tests and benchmarks) would otherwise BE the initial decoder
         sae.reset_parameters(torch.Generator().manual_seed(init_seed(seed)))
+        keep_basis = _subspace_init(sae, first, init, subspace, keep_subspace, seed)
         if "dead_tokens" in type(sae).options and sae.cfg.dead_tokens is None:
             sae.cfg.dead_tokens = int(min(10_000_000, max(run.total * batch_size // 10, 4 * batch_size)))
         trainer = _Trainer(sae, run, src, coll, dev, checkpoint_dir, progress, callback, log_every)
+        trainer.keep_basis = keep_basis.to(dev) if keep_basis is not None else None
+        if init != "random":     # a checkpoint of another init must not be resumed into this run
+            trainer.fingerprint["init"] = dict(sae.cfg.metadata["workbench"]["init"])
         trainer.start(first)
         del first
         trainer.loop()
@@ -235,7 +262,7 @@ class RunSettings:
         total = max(1, n_tokens // batch_size)
         decay_start = int(total * (1 - decay_frac)) if decay_frac > 0 else total
         return cls(arch=arch, d_in=d_in, d_sae=d_sae, k=k, n_tokens=n_tokens, batch_size=batch_size,
-                   lr=float(lr) if lr is not None else default_lr(d_sae), seed=seed, total=total,
+                   lr=float(lr) if lr is not None else default_lr(d_sae, d_in), seed=seed, total=total,
                    warmup=warmup_steps if warmup_steps is not None else min(1000, max(1, total // 20)),
                    decay_frac=decay_frac, decay_start=decay_start,
                    density_start=min(decay_start, int(total * (1 - DENSITY_FRAC))),
@@ -271,7 +298,26 @@ class _State:
     fvus: list[float] = field(default_factory=list)   # recent batch FVUs (explosion guard)
 
 
+def _subspace_init(sae: SAE, first: torch.Tensor, init: str, subspace: Any, keep: bool, seed: int):
+    """Active-subspace init (analyses.sae.subspace_init); returns the basis to keep rows in, or None."""
+    from .subspace_init import INITS, active_subspace, init_in_subspace
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "random":
+        if keep or subspace is not None:
+            raise ValueError("subspace / keep_subspace need init='active-subspace'")
+        return None
+    basis = active_subspace(first, subspace)
+    init_in_subspace(sae, basis, torch.Generator().manual_seed(init_seed(seed)))
+    wb = dict(sae.cfg.metadata.get("workbench") or {})      # a copy: the caller's dict stays as it was
+    wb["init"] = {"method": init, "subspace_dim": int(basis.shape[0]), "keep": bool(keep),
+                  "subspace": subspace if isinstance(subspace, (int, float)) or subspace is None else "basis"}
+    sae.cfg.metadata["workbench"] = wb
+    return basis if keep else None
+
+
 class _Trainer:
+    keep_basis: torch.Tensor | None = None    # active-subspace basis the decoder rows are kept in
     def __init__(self, sae: SAE, run: RunSettings, src: "_Source", coll: Collective, dev: torch.device,
                  checkpoint_dir, progress: bool, callback, log_every: int):
         self.sae, self.run, self.src, self.coll = sae, run, src, coll
@@ -409,6 +455,9 @@ class _Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
+        if self.keep_basis is not None:
+            from .subspace_init import keep_in_subspace
+            keep_in_subspace(sae.W_dec.data, self.keep_basis)
         sae.after_step(out)
         with torch.no_grad():
             c = coll.all_reduce_sum(out.counts.double())

@@ -27,7 +27,7 @@ meaning from a field's name; rename a field freely, keep its role. Roles (``ROLE
     hooks    hook names / patterns        store_b  a second store (pairwise steps)
     hook     one hook name                hooks_b  hooks of the second store
     sae      an input SAE folder          result   an input result folder
-    out      the output folder
+    sae_b    a second SAE (pairwise)      out      the output folder
 
 ``register(..., produces=)`` says what the step writes (store, sae, result, export); that alone
 decides the default output folder (``workspace.OUTPUT_DIRS``) for the CLI, sweeps and the UI.
@@ -52,16 +52,21 @@ from ..workspace import OUTPUT_DIRS, Workspace
 
 log = logging.getLogger(__name__)
 
-ROLES = ("model", "hooks", "hook", "store", "store_b", "hooks_b", "sae", "result", "out")
+ROLES = ("model", "hooks", "hook", "store", "store_b", "hooks_b", "sae", "sae_b", "result", "out")
 
 
 def arg(help: str, *, positional: bool = False, choices: list[str] | None = None,
-        flag: list[str] | None = None, cli: bool = True, role: str | None = None) -> dict[str, Any]:
-    """Metadata for a config field: how it shows up in the CLI and the UI forms, and its role."""
+        flag: list[str] | None = None, cli: bool = True, role: str | None = None,
+        many: bool = False) -> dict[str, Any]:
+    """Metadata for a config field: how it shows up in the CLI and the UI forms, and its role.
+    ``many``: a scalar field whose CLI option also takes several values (a grid: train-sae --d-sae 4608
+    9216); one value stays a scalar, several become a list."""
     if role is not None and role not in ROLES:
         raise ValueError(f"unknown field role {role!r}; roles: {', '.join(ROLES)}")
-    return {"help": help, "positional": positional, "choices": choices, "flag": flag, "cli": cli,
-            "role": role}
+    md = {"help": help, "positional": positional, "choices": choices, "flag": flag, "cli": cli, "role": role}
+    if many:
+        md["many"] = True
+    return md
 
 
 def role_of(f: dataclasses.Field) -> str | None:
@@ -179,7 +184,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-_GUESS_ROLES = ("out", "store", "sae", "store_b", "result")
+_GUESS_ROLES = ("out", "store", "sae", "store_b", "sae_b", "result")
 
 
 def _guess_workspace(cfg: Any) -> Workspace | None:
@@ -221,4 +226,4 @@ def run_step(name: str, config: Any = None, *, workspace: str | Workspace | None
 
 
 # The built-in steps register themselves on import (after everything above exists).
-from . import collect, compare, features, interventions, pca, sae  # noqa: E402,F401
+from . import collect, compare, features, interventions, match, match_layers, pca, sae, subspace  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Step `compare`: layer x layer similarity matrices within one store or across two.
 
     workbench compare STORE_A [STORE_B] --metric linear_cka [--hooks-a H ...] [--hooks-b H ...]
-                      [--align auto|position|document] [--max-rows N] --out PATH
+                      [--align auto|position|document|token] [--max-rows N] --out PATH
 
 Rows are aligned before comparing:
 
@@ -11,6 +11,8 @@ Rows are aligned before comparing:
 - ``document``: different tokenisers — each document's rows are mean-pooled (doc ids from
   ``sequences()["doc_ids"]``) and documents present in both stores are compared. Needs both stores
   made from the same corpus (manifest "corpus" equal).
+- ``token``: different tokenisers, token level — rows paired when they are the same document and
+  their tokens end at the same character (``workbench.align``; stores collected with offsets).
 - ``auto``: one store, or equal token ids -> position; otherwise same corpus -> document;
   otherwise the step refuses and says why.
 
@@ -60,7 +62,7 @@ class CompareConfig:
                                                                                role="hooks_b"))
     metric: str = field(default="linear_cka", metadata=arg("similarity measure", choices=METRIC_CHOICES))
     align: str = field(default="auto", metadata=arg("row alignment across stores",
-                                                    choices=["auto", "position", "document"]))
+                                                    choices=["auto", "position", "document", "token"]))
     max_rows: int = field(default=0, metadata=arg(
         f"rows (or documents) used, evenly spaced (0 = {DEFAULT_ROWS}; {DEFAULT_GRAM_ROWS} for rbf_cka "
         "and mutual_knn, which build n x n matrices; -1 = all)"))
@@ -204,7 +206,7 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     """Similarity matrix between the hooks of one store (or of two stores).
 
     Returns {"matrix": Tensor[len(hooks_a), len(hooks_b)] (float64), "labels_a", "labels_b",
-    "hooks_a", "hooks_b", "metric", "align" ("position" | "document"), "n_rows" (rows or documents
+    "hooks_a", "hooks_b", "metric", "align" ("position" | "token" | "document"), "n_rows" (rows or documents
     compared), "n_available", "symmetric", "seconds", "rows_dropped" (+ "rows_dropped_by_hook"),
     "rogue_dims" {hook: share of variance in its top dimensions}, "rogue_check"}. Rows over
     `max_norm_ratio` x the median norm are left out (0 keeps them); `standardize_dims` z-scores
@@ -217,8 +219,8 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     t0 = time.time()
     if metric not in METRIC_CHOICES:
         raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
-    if align not in ("auto", "position", "document"):
-        raise WorkbenchError(f"align must be auto, position or document, got {align!r}")
+    if align not in ("auto", "position", "document", "token"):
+        raise WorkbenchError(f"align must be auto, position, document or token, got {align!r}")
     sa = _open(store_a)
     sb = _open(store_b) if store_b not in (None, "") else None
     one = sb is None or sa.path.resolve() == sb.path.resolve()
@@ -228,7 +230,7 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
 
     # ---- alignment
     if one:
-        mode = "position" if align in ("auto", "position") else "document"
+        mode = "position" if align in ("auto", "position", "token") else "document"
     else:
         same_tok, why_tok = _same_tokens(sa, sb)
         if align == "position" and not same_tok:
@@ -261,9 +263,15 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio, by_hook_a)
     keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio, by_hook_b)
     dropped = 0
-    if mode == "position":
+    if mode in ("position", "token"):
         if one:
             ia = ib = torch.arange(sa.n_rows)
+        elif mode == "token":         # different tokenisers: same document and character end
+            from ..align import align_tokens
+            tok = align_tokens(sa, sb)
+            ia, ib = tok["a"], tok["b"]
+            if ia.numel() == 0:
+                raise WorkbenchError(f"{sa.path} and {sb.path} share no token ends")
         else:
             ia, ib = _align_position(sa, sb)
             if ia.numel() == 0:
@@ -296,9 +304,9 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
 
         def load_b(h):
             return _pool(sb_eff, h, db, docs, keep_b)
-    n = int(ia.numel()) if mode == "position" else int(docs.numel())
+    n = int(ia.numel()) if mode != "document" else int(docs.numel())
     if n < 4:
-        raise WorkbenchError(f"only {n} aligned {'rows' if mode == 'position' else 'documents'}; "
+        raise WorkbenchError(f"only {n} aligned {'rows' if mode != 'document' else 'documents'}; "
                              "need at least 4 to compare")
     if mode == "document" and n < min_docs:
         raise WorkbenchError(f"only {n} documents in common: a document-level comparison needs at least {min_docs} "
@@ -376,7 +384,7 @@ def _heatmap(res: dict[str, Any]):
     same = res["store_a"] == res["store_b"]
     fig.update_layout(
         title=f"{res['metric']} ({res['align']} alignment, {res['n_rows']} "
-              f"{'rows' if res['align'] == 'position' else 'documents'})",
+              f"{'rows' if res['align'] != 'document' else 'documents'})",
         xaxis_title=("hooks" if same else f"B: {Path(res['store_b']).name}"),
         yaxis_title=("hooks" if same else f"A: {Path(res['store_a']).name}"),
         yaxis=dict(autorange="reversed"), template="plotly_white")

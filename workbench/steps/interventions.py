@@ -8,13 +8,16 @@
 
 Both print their summary (generations / agreement and the top entries) and, with --out, write a result
 folder (kind ``steer`` / ``attribute``): result.json + ``table.csv`` (the DataFrame that
-``workbench.steer`` / ``workbench.attribute`` return). The maths is in workbench.interventions.
+``workbench.steer`` / ``workbench.attribute`` return). Read them back ONLY through
+``read_steer_result(path) -> SteerResult`` / ``read_attribute_result(path) -> AttributeResult``
+(``.table`` is that DataFrame again, token columns kept as text). The maths is in workbench.interventions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import StepResult, arg, register
 from ..errors import WorkbenchError
@@ -96,7 +99,8 @@ def steer_step(cfg: SteerConfig) -> StepResult:
                "largest_shifts": shifts[["position", "token", "next_token", "p_clean", "p_steered", "kl",
                                          "top_up"]].to_dict("records")}
     data = {k: v for k, v in summary.items() if k != "largest_shifts"}
-    arts = _write(cfg, "steer", df, {**data, "sae": cfg.sae, "pca": cfg.pca})
+    arts = _write(cfg, "steer", df, {**data, "sae": cfg.sae, "pca": cfg.pca, "temperature": cfg.temperature,
+                                     "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens})
     return StepResult(summary=summary, metrics={"mean_kl": a["mean_kl"]}, artifacts=arts)
 
 
@@ -120,3 +124,87 @@ def attribute_step(cfg: AttributeConfig) -> StepResult:
                   | {"sae": cfg.sae, "text": cfg.text, "tokens": a["tokens"]})
     metrics = {f"agreement_{k}": float(v) for k, v in a["agreement"].items()}
     return StepResult(summary=summary, metrics=metrics, artifacts=arts)
+
+
+# ------------------------------------------------------------------------------------- readers
+# Columns of table.csv that hold text: read as str with no NA parsing (a token " NA" or "nan" stays text).
+STEER_TEXT = ("phase", "token", "next_token", "top_up", "top_down", "steered_token")
+ATTRIBUTE_TEXT = ("token",)
+
+
+def _table(path: Path, meta: dict, text_cols: tuple[str, ...]):
+    import pandas as pd
+    f = path / str(meta.get("table") or "table.csv")
+    if not f.exists():
+        raise WorkbenchError(f"{path}: the {meta.get('kind')} result has no {f.name}; rerun the step with --out")
+    head = pd.read_csv(f, nrows=0).columns
+    return pd.read_csv(f, dtype={c: str for c in text_cols if c in head}, keep_default_na=False,
+                       na_values={c: ["", "nan", "NaN"] for c in head if c not in text_cols})
+
+
+def _need(path, meta: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        if k not in meta:
+            raise WorkbenchError(f"{path}: the {meta.get('kind')} result has no {k!r}; rerun the step")
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    """A "steer" result folder (``read_steer_result``); `table` = the DataFrame ``workbench.steer``
+    returned (one row per position of the unsteered sequence)."""
+    path: Path
+    model: str
+    hook: str
+    prompt: str
+    edits: list[str]
+    unsteered: str
+    steered: str
+    mean_kl: float
+    table: Any = field(repr=False)
+    sae: str | None = None
+    pca: str | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class AttributeResult:
+    """An "attribute" result folder (``read_attribute_result``); `table` = the DataFrame
+    ``workbench.attribute`` returned (one row per active (position, latent))."""
+    path: Path
+    model: str
+    hook: str
+    metric: str
+    metric_value: float
+    text: str
+    tokens: list[str]
+    agreement: dict[str, Any]
+    table: Any = field(repr=False)
+    sae: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def read_steer_result(path: str | Path) -> SteerResult:
+    """The one reader of a "steer" result (WorkbenchError for a missing one, another kind, a missing key)."""
+    from ..results import read_result
+    path = Path(path)
+    m = read_result(path, "steer")
+    _need(path, m, ("model", "hook", "prompt", "edits", "unsteered", "steered", "mean_kl"))
+    return SteerResult(path=path, model=str(m["model"]), hook=str(m["hook"]), prompt=str(m["prompt"]),
+                       edits=list(m["edits"]), unsteered=str(m["unsteered"]), steered=str(m["steered"]),
+                       mean_kl=float(m["mean_kl"]), table=_table(path, m, STEER_TEXT),
+                       sae=m.get("sae") or None, pca=m.get("pca") or None, temperature=m.get("temperature"),
+                       seed=m.get("seed"), meta=m)
+
+
+def read_attribute_result(path: str | Path) -> AttributeResult:
+    """The one reader of an "attribute" result (WorkbenchError for a missing one, another kind, a missing key)."""
+    from ..results import read_result
+    path = Path(path)
+    m = read_result(path, "attribute")
+    _need(path, m, ("model", "hook", "metric", "metric_value", "text", "tokens", "agreement"))
+    return AttributeResult(path=path, model=str(m["model"]), hook=str(m["hook"]), metric=str(m["metric"]),
+                           metric_value=float(m["metric_value"]), text=str(m["text"]), tokens=list(m["tokens"]),
+                           agreement=dict(m["agreement"]), table=_table(path, m, ATTRIBUTE_TEXT),
+                           sae=m.get("sae") or None, meta=m)

@@ -78,18 +78,43 @@ def _store_meta(store, hook: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- train
 
+def _init_options(cfg) -> dict[str, Any]:
+    """train_sae's init / subspace / keep_subspace from the step's fields (checked here: bad input)."""
+    if cfg.init == "random":
+        if cfg.keep_subspace or cfg.subspace:
+            raise WorkbenchError("--subspace / --keep-subspace need --init active-subspace")
+        return {}
+    if cfg.init != "active-subspace":
+        raise WorkbenchError(f"--init must be random or active-subspace, got {cfg.init!r}")
+    s = float(cfg.subspace)
+    if s < 0 or (s > 1 and s != int(s)):
+        raise WorkbenchError(f"--subspace must be a variance fraction in (0, 1] or a whole number of "
+                             f"directions, got {cfg.subspace}")
+    sub = None if s == 0 else (s if s <= 1 else int(s))
+    return {"init": cfg.init, "subspace": sub, "keep_subspace": bool(cfg.keep_subspace)}
+
+
 @dataclass
 class TrainSAEConfig:
-    store: str = field(metadata=arg("activation store folder", positional=True, role="store"))
-    hook: str = field(default="", metadata=arg("hook to train on (default: the store's only hook)",
-                                               role="hook"))
+    store: str = field(default="", metadata=arg(
+        "activation store folder (or none, with --model and --corpus: straight from the model)",
+        positional=True, role="store"))
+    hook: str = field(default="", metadata=arg(
+        "hook(s) to train on (default: the store's only hook); several, braces or globs ('blocks.{3,6}."
+        "hook_resid_post') train one SAE per hook from one pass", role="hook", flag=["--hooks"], many=True))
     arch: str = field(default="topk", metadata=arg("SAE architecture", choices=ARCH_CHOICES))
-    d_sae: int = field(default=0, metadata=arg("number of latents (default 8 x d_in)"))
-    k: int = field(default=32, metadata=arg("active latents per token (topk, batchtopk, matryoshka)"))
+    d_sae: int = field(default=0, metadata=arg("number of latents (default 8 x d_in); several: one SAE each",
+                                               many=True))
+    k: int = field(default=32, metadata=arg("active latents per token (topk, batchtopk, matryoshka); "
+                                            "several: one SAE each", many=True))
     n_tokens: int = field(default=0, metadata=arg("training tokens (default: one pass over the store)"))
-    batch_size: int = field(default=4096, metadata=arg("tokens per optimiser step"))
-    lr: float = field(default=0.0, metadata=arg("learning rate (default 2e-4 / sqrt(d_sae / 2^14))"))
-    seed: int = field(default=0, metadata=arg("random seed (init and data order)"))
+    batch_size: int = field(default=0, metadata=arg(
+        "tokens per optimiser step (default: 4096 for runs of 4.1M+ tokens, else ~1000 steps' worth, >= 256)"))
+    lr: float = field(default=0.0, metadata=arg(
+        "learning rate (default analyses.sae.default_lr: 2e-4 / sqrt(d_sae / 2^14) from 16k latents, larger "
+        "below, at most 1.28 / d_in)"))
+    seed: int = field(default=0, metadata=arg("random seed (init and data order; with several, the first "
+                                              "orders the data)", many=True))
     device: str = field(default="auto", metadata=arg("cpu, cuda, cuda:1, ... or auto"))
     out: str = field(default="", metadata=arg("SAE folder to write (default: WORKSPACE/saes/ARCH-HOOK-D_SAE)",
                                                      role="out"))
@@ -101,6 +126,20 @@ class TrainSAEConfig:
     l1_coef: float = field(default=0.0, metadata=arg("relu: L1 coefficient (default 3e-2)"))
     l0_coef: float = field(default=0.0, metadata=arg("jumprelu: L0 coefficient (default 1e-2)"))
     checkpoint_every: int = field(default=0, metadata=arg("steps between checkpoints (default: ~10 per run)"))
+    init: str = field(default="random", metadata=arg(
+        "decoder init: random (uniform directions) or active-subspace (inside the top-variance subspace of "
+        "the first batch; Wang et al. 2025, fewer dead latents on attention outputs)",
+        choices=["random", "active-subspace"]))
+    subspace: float = field(default=0.0, metadata=arg(
+        "active-subspace size: variance fraction (<= 1, default 0.99) or number of directions (> 1)"))
+    keep_subspace: bool = field(default=False, metadata=arg(
+        "keep the decoder rows inside the active subspace during training (with --init active-subspace)"))
+    model: str = field(default="", metadata=arg(
+        "train straight from this model (no store): needs --corpus, --hooks and --n-tokens"))
+    corpus: str = field(default="builtin", metadata=arg("corpus spec for --model"))
+    seq_len: int = field(default=128, metadata=arg("window length for --model"))
+    buffer_tokens: int = field(default=1 << 16, metadata=arg(
+        "shuffle buffer for --model, in tokens (fill, shuffle, serve half, refill; >= one batch)"))
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
 
@@ -108,6 +147,9 @@ class TrainSAEConfig:
           produces="sae")
 def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     from analyses.sae import SAETrainingError, evaluate_sae, train_sae
+    from ._sae_multi import is_grid, train_grid
+    if is_grid(cfg):            # several hooks / widths / k / seeds, or --model: one pass, many SAEs
+        return train_grid(cfg, TOPK_FAMILY)
     store = _open_store(cfg.store)
     hook = pick_hook(store, cfg.hook)
     d_in = store.d(hook)
@@ -130,11 +172,15 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     if cfg.l0_coef:
         arch_cfg["l0_coef"] = cfg.l0_coef
     seed = int(cfg.seed)
-    bs = int(cfg.batch_size)
+    from analyses.sae.train import default_batch_size
+
     from ._sae_eval import best_density, split_meta
     sp = store.split(cfg.holdout, cfg.holdout_seed)
     held = sp.heldout_rows.numel() > 0
     train_rows = sp.train_rows if held else None
+    if cfg.batch_size < 0:
+        raise WorkbenchError(f"--batch-size {cfg.batch_size}: give a positive number of rows, or 0 for the default")
+    bs = int(cfg.batch_size) or default_batch_size(cfg.n_tokens or sp.train_rows.numel())
     meta = {**_store_meta(store, hook), "workbench": {"split": split_meta(store, sp)}}
 
     def source(epoch: int):
@@ -144,7 +190,8 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
         sae = train_sae(source, arch=cfg.arch, d_sae=d_sae, k=k, n_tokens=cfg.n_tokens or sp.train_rows.numel(),
                         batch_size=bs, lr=cfg.lr or None, seed=seed, device=cfg.device,
                         checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every or None,
-                        progress=progress_stream() if cfg.progress else False, metadata=meta, **arch_cfg)
+                        progress=progress_stream() if cfg.progress else False, metadata=meta,
+                        **_init_options(cfg), **arch_cfg)
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
     metrics: dict[str, float] = {}
@@ -178,7 +225,7 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
     shutil.rmtree(ckpt, ignore_errors=True)
     return StepResult(
         summary={"sae": str(out), "arch": cfg.arch, "hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k,
-                 "n_tokens": wb.get("n_tokens"), "split": split, "split_note": note,
+                 "n_tokens": wb.get("n_tokens"), "batch_size": bs, "split": split, "split_note": note,
                  "n_train_rows": int(sp.train_rows.numel()), "n_heldout_rows": int(sp.heldout_rows.numel()),
                  "density": (dens or {}).get("best")},
         metrics=metrics, artifacts={"sae": str(out), **({"eval": str(out / "eval")} if ev is not None else {})})

@@ -39,6 +39,10 @@ Sweep file schema (TOML)
     [eval_sae]                     # one per SAE
     [features]                     # one per SAE
     [compare]                      # one per metric: within each model and/or across model pairs
+    [match_saes]                   # one per pair of SAEs of the sweep that differ only in ...
+    pairs = ["seed", "width"]      #   seed | width (d_sae) | layer (hook) | model | any SAE option;
+                                   #   "layer" also writes a match_layers result: the layer x layer
+                                   #   matrix of "fraction of latents with a mutual match at r >= threshold"
 
 Every step table holds that step's options (the same names as its CLI options / config dataclass
 fields, e.g. `workbench pca --help`). A LIST value for an option that takes one value is a grid
@@ -56,9 +60,11 @@ not step options:
 
 Fields that wire the DAG are set by the sweep and may not be given: collect `model`, `hooks`,
 `out`; pca/train_sae `store`, `hook`, `out`; eval_sae/features `sae`, `store`, `hook`;
-compare `store_a`, `store_b`, `hooks_a`, `hooks_b`. Which step plays which part is read from the
+compare `store_a`, `store_b`, `hooks_a`, `hooks_b`; match_saes `sae_a`, `sae_b`, `store`, `store_b`.
+Which step plays which part is read from the
 ROLES its config fields declare (``arg(..., role=...)``, never the field names): a `store` and a
-`hook` input: per hook; a `store` only: per model; an `sae`: per SAE; a `store_b`: pairs; the
+`hook` input: per hook; a `store` only: per model; an `sae`: per SAE; an `sae` and an `sae_b`:
+pairs of SAEs (``workbench.sweep.pairs``); a `store_b`: pairs of stores; the
 step that produces a store from a `model`: the source. Steps that produce an SAE feed the per-SAE
 ones. So any registered step can appear as a table. Outputs go to the folder of what the step
 produces (``workbench.steps.output_dir``: stores/, saes/, results/, exports/), as from the CLI

@@ -18,10 +18,11 @@ from typing import Any
 from ..hooks import select_hooks
 from ..results import is_complete
 from ..workspace import Workspace, config_hash
+from .pairs import add_pair_nodes
 from .spec import (ModelEntry, StepEntry, SweepError, SweepSpec, _slug, field_for, field_roles,
                    sae_steps, source_step)
 
-PATH_ROLES = ("out", "store", "store_b", "sae", "result")    # made relative to the workspace
+PATH_ROLES = ("out", "store", "store_b", "sae", "sae_b", "result")    # made relative to the workspace
 NON_IDENTITY = ("out", "overwrite", "workspace", "progress")   # do not change results
 HOOK_CACHE = "sweep-hooks.json"
 
@@ -131,7 +132,16 @@ def _norm_config(ws: Workspace, step: str, cfg: dict[str, Any]) -> str:
     for k in _path_fields(step):
         if isinstance(d.get(k), str) and d[k]:
             d[k] = ws.rel(d[k])
+        elif isinstance(d.get(k), list):
+            d[k] = [ws.rel(x) if isinstance(x, str) and x else x for x in d[k]]
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def _layer_rank(h: str) -> tuple[int, str]:
+    """Sort key of a hook: its block index (-1 without one), then the name."""
+    import re
+    m = re.match(r"blocks\.(\d+)\.", h)
+    return (int(m.group(1)) if m else -1, h)
 
 
 def _short_hook(h: str) -> str:
@@ -158,12 +168,15 @@ class _Builder:
             return name
         cfg = dict(opts)
         cfg.update({fk(r): v for r, v in wired.items()})
-        cfg.update({fk(r): dep.out for r, dep in inputs.items()})
+        # an input is one node, or a list of nodes for a list field (match_layers: results)
+        cfg.update({fk(r): [d.out for d in dep] if isinstance(dep, list) else dep.out
+                    for r, dep in inputs.items()})
         in_fields = {fk(r) for r in inputs}
         out_field = field_for(step, "out")
         ident_cfg = {k: v for k, v in cfg.items() if k not in NON_IDENTITY and k != out_field}
         for r, dep in inputs.items():
-            ident_cfg[fk(r)] = f"node:{dep.identity}"
+            ident_cfg[fk(r)] = ([f"node:{d.identity}" for d in dep] if isinstance(dep, list)
+                                else f"node:{dep.identity}")
         # defaults count too: the identity is of the full config
         probe = dict(cfg)
         if out_field:
@@ -180,7 +193,8 @@ class _Builder:
         config = self._dict(self._make(step, cfg))
         if key in self.nodes:
             raise SweepError(f"two steps of the sweep are the same ({key}); remove the duplicate")
-        node = Node(key, step, config, list(dict.fromkeys(d.key for d in inputs.values())), identity, out, labels)
+        deps = [d for dep in inputs.values() for d in (dep if isinstance(dep, list) else [dep])]
+        node = Node(key, step, config, list(dict.fromkeys(d.key for d in deps)), identity, out, labels)
         self.nodes[key] = node
         return node
 
@@ -234,7 +248,7 @@ def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
                              f"{', '.join(models)} (collected: "
                              f"{', '.join(h for m in models for h in hooks[m][:6])} ...)")
 
-    # per-model and per-hook steps first (SAE producers among them), then per-SAE, then pairs
+    # per-model and per-hook steps first (SAE producers among them), then per-SAE, SAE pairs, store pairs
     for e in [e for e in spec.steps if e.role in ("per_hook", "per_model")]:
         ms = models_for(e)
         check_hooks(e, ms)
@@ -271,6 +285,14 @@ def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
                 b.add(key, e.step, wired, var, inputs,
                       f"{e.step}-{m}-{_short_hook(h)}-{sae.identity[:6]}-{vl}",
                       {**sae.labels, "sae": sae.key, **var})
+    order = [m.name for m in spec.models]
+    for e in [e for e in spec.steps if e.role == "sae_pair"]:
+        ms = models_for(e)
+        check_hooks(e, ms)
+        add_pair_nodes(b, e, saes, stores, order,
+                       lambda s, e=e, ms=ms: s.labels["model"] in ms and (
+                           e.hooks is None or bool(match_hooks([s.labels["hook"]], e.hooks))),
+                       _short_hook)
     refused: list[str] = []
     for e in [e for e in spec.steps if e.role == "pair"]:
         roles = roles_of[e.step]

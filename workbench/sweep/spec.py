@@ -28,6 +28,7 @@ MODEL_KEYS = {"spec", "name", "hooks"}
 EXECUTORS = ("local", "ray")
 SELECT_KEYS = {"models", "hooks"}
 PAIR_KEYS = {"within", "across"}
+SAE_PAIR_KEYS = {"pairs"}
 # The part a step plays in a sweep, from its fields' declared roles (workbench.steps.ROLES) and
 # what it produces (see part_of), and the field roles the sweep fills in for each part: a user may
 # not set those, whatever the fields are named.
@@ -37,6 +38,7 @@ WIRED = {
     "per_model": {"store", "hooks", "out"},
     "per_sae": {"sae", "store", "hook", "out"},
     "pair": {"store", "store_b", "hooks", "hooks_b", "out"},
+    "sae_pair": {"sae", "sae_b", "store", "store_b", "out"},
 }
 _WIRED_HINT = {"hook": "select hooks with hooks = [...]", "hooks": "hooks are set per model in [[models]]",
                "model": "models are set in [[models]]"}
@@ -66,6 +68,7 @@ class StepEntry:
     within: bool | list[str] = True
     across: list[tuple[str, str]] = field(default_factory=list)
     where: str = ""
+    pairs: list[str] = field(default_factory=list)   # sae_pair: what differs (see sweep.pairs)
 
 
 @dataclass
@@ -174,12 +177,14 @@ def field_for(step: str, role: str) -> str | None:
 
 
 def part_of(step: str) -> str | None:
-    """source (makes a store from a model), per_sae, pair, per_hook, per_model, or None (the step
-    takes no store or SAE, so it has no place in a sweep)."""
+    """source (makes a store from a model), sae_pair, per_sae, pair, per_hook, per_model, or None
+    (no input the sweep can wire, so it has no place in a sweep)."""
     from ..steps import STEPS
     roles = set(field_roles(step).values())
     if STEPS[step].produces == "store" and "model" in roles:
         return "source"
+    if "sae_b" in roles and "sae" in roles:      # pairs of SAEs (match_saes): sweep.pairs
+        return "sae_pair"
     if "sae" in roles:
         return "per_sae"
     if "store_b" in roles:
@@ -365,7 +370,7 @@ class _Validator:
                 continue
             role = part_of(table)
             if role is None or role == "source":
-                self.err(f"step {table!r} takes no store/sae input, so it cannot be part of a sweep", table)
+                self.err(_refusal(table, role), table)
                 continue
             bodies = body if isinstance(body, list) else [body]
             for j, b in enumerate(bodies):
@@ -378,9 +383,10 @@ class _Validator:
                     entries.append(e)
         # dependants of SAEs need an SAE producer in the sweep
         makers = sae_steps()
-        if any(e.role == "per_sae" for e in entries) and not any(e.step in makers for e in entries):
+        needs_saes = ("per_sae", "sae_pair")
+        if any(e.role in needs_saes for e in entries) and not any(e.step in makers for e in entries):
             for e in entries:
-                if e.role == "per_sae":
+                if e.role in needs_saes:
                     self.err(f"needs SAEs, but the sweep trains none (add a [{makers[0] if makers else 'train_sae'}] "
                              "table)", e.step)
         if self.errors:
@@ -485,7 +491,14 @@ class _Validator:
                 across = [tuple(p) for p in a]
             else:
                 self.err('must be "all" or a list of [model_a, model_b] pairs', step, "across", idx)
-        special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set())
+        pairs: list[str] = []
+        if role == "sae_pair":
+            from .pairs import check_pairs
+            pairs, why = check_pairs(body.get("pairs"))
+            if why:
+                self.err(why, step, "pairs", idx)
+        special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set()) \
+            | (SAE_PAIR_KEYS if role == "sae_pair" else set())
         axes: list[tuple[str, list[Any]]] = []
         fixed: dict[str, Any] = {}
         for k, v in body.items():
@@ -517,7 +530,7 @@ class _Validator:
             return None
         self._precheck(step, role, variants, step, idx)
         return StepEntry(step, role, variants, grid_keys, sel_models, sel_hooks, within, across,
-                         _label(step, index=idx))
+                         _label(step, index=idx), pairs)
 
     def _precheck(self, step, role, variants, table, idx):
         """make_config on every variant, wired fields filled with placeholders (catches missing
@@ -535,6 +548,18 @@ class _Validator:
                 what = ", ".join(f"{k}={v!r}" for k, v in var.items() if k not in wired)
                 self.err(f"{e}" + (f" (for {what})" if what and len(variants) > 1 else ""), table, None, idx)
                 return
+
+
+def _refusal(step: str, role: str | None) -> str:
+    """Why a registered step cannot be a table of its own (says what it does take)."""
+    if role == "source":
+        return f"step {step!r} makes a store from a model; a sweep has one such step ([{source_step()}])"
+    roles = sorted(set(field_roles(step).values()) - {"out"})
+    took = f" (its inputs: {', '.join(roles)})" if roles else ""
+    from .pairs import SUMMARY_STEP
+    extra = "; [match_saes] pairs = \"layer\" adds it by itself" if step == SUMMARY_STEP else ""
+    return (f"step {step!r} has no input the sweep can wire{took}: a table needs a store, an SAE "
+            f"or a pair of SAEs{extra}")
 
 
 def _slug(s: str, n: int = 48) -> str:

@@ -13,6 +13,7 @@ PAGES = [
     ("activations.py", "Activations", "activations", ":material/scatter_plot:"),
     ("features.py", "Features", "features", ":material/lightbulb:"),
     ("compare.py", "Compare", "compare", ":material/grid_on:"),
+    ("match.py", "Match SAEs", "match", ":material/join_inner:"),
     ("interventions.py", "Interventions", "interventions", ":material/tune:"),
     ("run.py", "Run", "run", ":material/play_arrow:"),
     ("export.py", "Export", "export", ":material/download:"),

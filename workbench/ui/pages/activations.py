@@ -1,6 +1,8 @@
 """Activations page: the PCA of one hook of a store as a 2-D / 3-D scatter (coloured by token,
 position, document or one SAE latent's activation; hovering shows the token in its context), the
-scree plot and the geometry numbers. Reads "pca" results and the store they were fitted on."""
+scree plot and the geometry numbers, and steering along a chosen component (generations with and
+without x + c u, `workbench.steer` with the result as its PCA direction). Reads "pca" results and the
+store they were fitted on."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.ui import common, figures, readers
+from workbench.ui import common, figures, readers, steering
 
 COLOR_BY = ["token", "position", "document", "feature activation"]
 N_TOKEN_COLOURS = 10
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#bcbd22", "#393b79"]
 CONTEXT_BEFORE, CONTEXT_AFTER = 6, 3
+VIEWS = ["Scatter", "Scree & geometry", "Steer"]
 
 
 @st.cache_data(show_spinner="Reading the store…", max_entries=16)
@@ -195,12 +198,39 @@ def body() -> None:
         st.caption(f"dimension(s) {rogue.get('dims')} hold {100 * rogue['top1_share']:.0f}% (top 1) of the "
                    "variance: 'rogue dimensions', so the first components are mostly those coordinates")
     # one view at a time: only the chart on screen is sent to the browser
-    view = st.segmented_control("View", ["Scatter", "Scree & geometry"], default="Scatter",
+    view = st.segmented_control("View", VIEWS, default="Scatter",
                                 key="act_view", label_visibility="collapsed") or "Scatter"
     if view == "Scatter":
         common.guard(lambda: scatter_panel(ws, r, store_path), "scatter")
+    elif view == "Steer":
+        common.guard(lambda: steer_panel(r), "steering")
     else:
         common.guard(lambda: scree_panel(r), "scree")
+
+
+def steer_panel(r) -> None:
+    """Generate with and without moving the hook's activation along one principal component
+    (add: x + c u; clamp: (x - mean) . u set to c), at every position of the prompt and the continuation."""
+    if not r.model:
+        raise WorkbenchError(f"{r.path.name} does not name the model it was fitted on; rerun the pca step")
+    st.caption(f"Steers `{r.model}` at `{r.hook}` along a component of this PCA (unit direction u): "
+               "add moves every position by c u, clamp sets its coordinate (x - mean) · u to c.")
+    prompt = st.text_input("Prompt", "The weather today is", key="act_st_prompt")
+    c = st.columns(6)
+    pc = c[0].selectbox("Component", [f"PC{i + 1}" for i in range(r.k)], key="act_st_pc")
+    j = int(pc[2:]) - 1
+    ev = r.tensors.get("explained_variance")
+    sd = float(ev[j].clamp_min(0).sqrt()) if ev is not None and j < ev.numel() else 1.0
+    coef = c[1].number_input("coefficient", value=float(round(4 * sd, 3)) or 1.0, key="act_st_coef",
+                             help=f"this component's standard deviation is {sd:.4g}")
+    mode = c[2].selectbox("mode", ["add", "clamp"], key="act_st_mode")
+    kw = {"pca": str(r.path), "components": [j], "coefs": [float(coef)], "pca_mode": mode}
+    kw.update(steering.generation_inputs(c[3:], "act_st"))
+    if not steering.pressed("Steer", "act_st_go", (str(r.path), prompt, kw)):
+        return
+    with st.spinner("Generating with and without the intervention…"):
+        df, attrs = steering.steer(None, str(r.model), r.hook, prompt=prompt, **kw)
+    steering.show_steering(prompt, df, attrs, title=f"{pc} {mode} {float(coef):g}")
 
 
 def scree_panel(r) -> None:

@@ -2,7 +2,10 @@
 (top examples with per-token highlighting, activation-range samples, histogram, logit table,
 neighbours, neuron alignment), and a text box showing which latents fire on each token.
 Everything comes from a "features" result through `workbench.steps.features.load_features` and
-`latent_activations_for_text`."""
+`latent_activations_for_text`. Under the dashboard, "What it does": steer with the latent (two
+generations and the probability shifts, `workbench.steer`) and its measured effect on the next-token
+predictions when zero-ablated at its top examples (`workbench.interventions.ablate_examples`), on a
+button press, cached."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.ui import common
+from workbench.ui import common, steering
 
 SORTS = {
     "latent": ("latent", True),
@@ -160,6 +163,78 @@ def dashboard(path: Path, key: int, fd, i: int) -> None:
             st.dataframe(pd.DataFrame(nr), hide_index=True, width="stretch", key="feat_neurons")
 
 
+# ------------------------------------------------------------------ what it does (interventions)
+def _artefact(fd, field: str, what: str) -> Path:
+    p = common.resolve_path(common.open_workspace_quiet(), fd.meta.get(field))
+    if p is None or not Path(p).exists():
+        raise WorkbenchError(f"the {what} this result was made from ({fd.meta.get(field)}) is not there "
+                             f"any more; steering and ablation need it")
+    return Path(p)
+
+
+@st.cache_data(show_spinner="Ablating the latent at its top examples…", max_entries=64)
+def _ablation(path: str, key: int, sae_path: str, store_path: str, spec: str, hook: str, latent: int):
+    from workbench.interventions import ablate_examples
+    examples = _latent(path, key, latent)["top_examples"]
+    df = ablate_examples(sae_path, latent, store_path, examples, model=steering.model(spec), hook=hook)
+    return df, dict(df.attrs)
+
+
+def _token_table(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"token": common.show_token(r["token"]), "Δ log p": r["value"]} for r in rows])
+
+
+def what_it_does(path: Path, key: int, fd, latent: int) -> None:
+    d = _latent(str(path), key, latent)
+    sae_path = _artefact(fd, "sae", "SAE")
+    spec, hook = str(fd.meta.get("model")), str(fd.meta.get("hook"))
+    st.markdown("#### What it does")
+    ws = common.open_workspace_quiet()
+    in_ws = ws is not None and (ws.saes / sae_path.name).resolve() == sae_path.resolve()
+    sae_q = f"&sae={sae_path.name}" if in_ws else ""
+    st.markdown(f'<a href="interventions?latent={latent}{sae_q}" target="_self">Open latent {latent} on the '
+                f"Interventions page</a> (attribution on your own text, several latents, PCA directions)",
+                unsafe_allow_html=True)
+    steer_tab, ablate_tab = st.tabs(["Steer", "Ablate at its top examples"])
+    with steer_tab:
+        prompt = st.text_input("Prompt", "The weather today is", key="feat_st_prompt")
+        c = st.columns(5)
+        value = c[0].number_input("value", value=float(round(2 * d["max"], 3)) if d["max"] > 0 else 10.0,
+                                  key="feat_st_value", help="clamp: the latent is set to this at every "
+                                  "position; add: this is added to it (x + v W_dec[i])")
+        mode = c[1].selectbox("mode", ["clamp", "add"], key="feat_st_mode")
+        kw = {"latents": [latent], "values": [float(value)], "mode": mode}
+        kw.update(steering.generation_inputs(c[2:], "feat_st"))
+        if steering.pressed("Steer", "feat_st_go", (str(sae_path), spec, hook, prompt, kw)):
+            with st.spinner("Generating with and without the intervention…"):
+                df, attrs = steering.steer(sae_path, spec, hook, prompt=prompt, **kw)
+            steering.show_steering(prompt, df, attrs)
+    with ablate_tab:
+        if not d.get("top_examples"):
+            st.info("No top examples (the latent never fired): nothing to ablate.", icon=":material/info:")
+            return
+        st.caption(f"Zero-ablates latent {latent} at the centre token of each of its "
+                   f"{len(d['top_examples'])} top examples (SAE spliced with its error term, so only this "
+                   "latent changes) and compares the next-token predictions. Δ loss > 0: the latent helps "
+                   "predict the actual next token; Δ log p > 0: the latent raises that token.")
+        store_path = _artefact(fd, "store", "store")
+        if not steering.pressed("Measure by ablation", "feat_abl_go", (str(path), key, latent)):
+            return
+        df, attrs = _ablation(str(path), key, str(sae_path), str(store_path), spec, hook, latent)
+        m = st.columns(3)
+        m[0].metric("mean Δ loss (next token)", f"{attrs['mean_d_loss_next']:+.4g}")
+        m[1].metric("mean Δ loss (all later tokens)", f"{attrs['mean_d_loss_after']:+.4g}")
+        m[2].metric("mean KL(clean || ablated)", f"{attrs['mean_kl']:.4g}")
+        a, b = st.columns(2)
+        a.markdown("**Promotes** (mean Δ log p at its top examples)")
+        a.dataframe(_token_table(attrs["promotes"]), hide_index=True, width="stretch", key="feat_abl_up")
+        b.markdown("**Suppresses**")
+        b.dataframe(_token_table(attrs["suppresses"]), hide_index=True, width="stretch", key="feat_abl_down")
+        st.dataframe(df.assign(token=df["token"].map(common.show_token),
+                               next_token=df["next_token"].map(common.show_token)),
+                     hide_index=True, width="stretch", key="feat_abl_table")
+
+
 def text_probe(path: Path, fd, latent: int | None) -> None:
     st.subheader("Which latents fire on a text")
     meta = fd.meta
@@ -261,6 +336,7 @@ def body() -> None:
         latent_ok = None
     else:
         common.guard(lambda: dashboard(path, key, fd, latent), f"latent {latent}")
+        common.guard(lambda: what_it_does(path, key, fd, latent), f"what latent {latent} does")
         latent_ok = latent
     st.divider()
     common.guard(lambda: text_probe(path, fd, latent_ok), "text probe")

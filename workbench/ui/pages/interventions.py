@@ -12,39 +12,18 @@ from pathlib import Path
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.ui import common
-
-
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def _model(spec: str):
-    from workbench.models import load_model
-    return load_model(spec, device="cpu")
-
-
-@st.cache_resource(show_spinner="Loading the SAE…", max_entries=2)
-def _sae(path: str, key: int):
-    from workbench.interventions import resolve_sae
-    return resolve_sae(path)
+from workbench.ui import common, steering
 
 
 def _sae_info(path: Path) -> tuple[object, str, str]:
-    sae, hook = _sae(str(path), common.stamp(path, "cfg.json"))
-    md = getattr(sae.cfg, "metadata", {}) or {}
-    return sae, str(md.get("model_name") or ""), str(hook or "")
+    return steering.sae_info(path)
 
 
 @st.cache_data(show_spinner="Attributing…", max_entries=32)
 def _attribute(sae_path: str, key: int, spec: str, hook: str, text: str, n_exact: int):
     from workbench.interventions import attribute
     sae, _, _ = _sae_info(Path(sae_path))
-    df = attribute(text, sae=sae, model=_model(spec), hook=hook or None, n_exact=n_exact)
-    return df, dict(df.attrs)
-
-
-def _steer(sae_path: str | None, spec: str, hook: str, **kw):
-    from workbench.interventions import steer
-    sae = _sae_info(Path(sae_path))[0] if sae_path else None
-    df = steer(sae=sae, model=_model(spec), hook=hook or None, **kw)
+    df = attribute(text, sae=sae, model=steering.model(spec), hook=hook or None, n_exact=n_exact)
     return df, dict(df.attrs)
 
 
@@ -90,6 +69,9 @@ def steer_panel(ws, sae_path: Path | None, spec: str, hook: str, d_sae: int | No
     c = st.columns(5)
     kw: dict = {}
     if kind == "SAE latent":
+        qp = st.query_params.get("latent")          # the dashboard links here with ?latent=N&sae=NAME
+        if "iv_latent" not in st.session_state and qp and qp.isdigit() and int(qp) < d_sae:
+            st.session_state["iv_latent"] = int(qp)
         latent = c[0].number_input(f"latent (0 – {d_sae - 1})", 0, d_sae - 1, 0, key="iv_latent")
         kw.update(latents=[int(latent)], values=[c[1].number_input("value", value=20.0, key="iv_value")],
                   mode=c[2].selectbox("mode", ["clamp", "add"], key="iv_mode"))
@@ -104,24 +86,12 @@ def steer_panel(ws, sae_path: Path | None, spec: str, hook: str, d_sae: int | No
                   coefs=[c[2].number_input("coefficient", value=20.0, key="iv_coef")],
                   pca_mode=c[2].selectbox("mode", ["add", "clamp"], key="iv_pmode"))
         sae_path = None
-    n_new = c[3].number_input("new tokens", 1, 256, 32, key="iv_new")
-    temp = c[4].number_input("temperature (0 = greedy)", 0.0, 5.0, 0.0, key="iv_temp")
-    seed = c[4].number_input("seed", 0, 2**31 - 1, 0, key="iv_seed")
-    if not st.button("Generate", type="primary", key="iv_go"):
+    kw.update(steering.generation_inputs([c[3], c[4], c[4]], "iv"))
+    if not steering.pressed("Generate", "iv_go", (prompt, sae_path, spec, hook, kw)):
         return
     with st.spinner("Generating with and without the intervention…"):
-        df, attrs = _steer(str(sae_path) if sae_path else None, spec, hook, prompt=prompt,
-                           max_new_tokens=int(n_new), temperature=float(temp), seed=int(seed), **kw)
-    left, right = st.columns(2)
-    left.markdown("**unsteered**")
-    left.code(prompt + attrs["unsteered"], language=None, wrap_lines=True)
-    right.markdown(f"**steered** ({', '.join(attrs['edits'])})")
-    right.code(prompt + attrs["steered"], language=None, wrap_lines=True)
-    st.caption(f"next-token probability shifts along the unsteered text · mean KL(clean || steered) = "
-               f"{attrs['mean_kl']:.4f} nats")
-    st.bar_chart(df.set_index("position")["kl"], height=180)
-    st.dataframe(df[["position", "phase", "token", "next_token", "p_clean", "p_steered", "delta_p", "kl",
-                     "top_up", "top_down", "steered_token"]], hide_index=True, width="stretch")
+        df, attrs = steering.steer(sae_path, spec, hook, prompt=prompt, **kw)
+    steering.show_steering(prompt, df, attrs)
 
 
 def body() -> None:
@@ -131,8 +101,12 @@ def body() -> None:
         return
     saes = ws.list_saes()
     sae_path = None
+    qp_sae = st.query_params.get("sae")
     if saes:
-        name = st.selectbox("SAE", [p.name for p in saes], key="iv_sae")
+        names = [p.name for p in saes]
+        if "iv_sae" not in st.session_state and qp_sae in names:
+            st.session_state["iv_sae"] = qp_sae
+        name = st.selectbox("SAE", names, key="iv_sae")
         sae_path = ws.saes / name
     sae, model_name, hook = _sae_info(sae_path) if sae_path else (None, "", "")
     a, b = st.columns(2)

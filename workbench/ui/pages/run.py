@@ -18,7 +18,7 @@ from workbench.steps import output_dir, role_of, unwrap_type
 from workbench.ui import common, jobs
 
 # Field roles (workbench.steps.ROLES) whose value names an artefact of the workspace.
-_INPUT_ROLES = {"store", "store_b", "sae", "result"}
+_INPUT_ROLES = {"store", "store_b", "sae", "sae_b", "result"}
 _HIDDEN = {"workspace"}
 
 
@@ -39,7 +39,7 @@ def _options_for(role: str | None, ws) -> list[str]:
     """Existing artefacts a field of this role can name (stores, SAEs, results)."""
     if ws is None or role not in _INPUT_ROLES:
         return []
-    if role == "sae":
+    if role in ("sae", "sae_b"):
         return [ws.rel(p) for p in ws.list_saes()]
     if role == "result":
         return [ws.rel(p) for p in ws.list_results()]

@@ -1,0 +1,190 @@
+"""Activations straight from the model, through a bounded shuffle buffer (no store on disk), for
+:func:`analyses.sae.multi.train_saes`.
+
+The corpus is packed into windows exactly as ``collect`` does (``workbench.corpus.pack``, same special-token
+rule and BOS); documents are held out by the store split's key (``workbench.store_split._key``:
+blake2b("{seed}:{doc_id}")): a document is held out when its key falls in the lowest ``holdout`` share of the
+64-bit range (the streaming form of "order by key, hold out the first round(holdout * n)": the same
+documents up to the rounding at the boundary, without knowing n in advance).
+
+Shuffle buffer (``buffer_tokens`` rows, like SAELens' ActivationsStore: fill, shuffle, serve half, refill):
+the training windows are cut into chunks of ``buffer_tokens / 2`` tokens; chunk c's rows are split at random
+into halves A_c and B_c; cycle c serves a random permutation of B_{c-1} + A_c. So every served batch mixes
+rows of two chunks (~buffer_tokens / seq_len sequences), at most ``buffer_tokens`` rows are held, and each row
+waits at most one refill. Everything is seeded by (seed, c), so the stream position is just (cycle, rows of
+that cycle served): a resume (after SIGKILL) re-tokenises up to chunk c-1 (no forward passes) and recomputes
+chunks c-1 and c only, and gives exactly the same batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterator
+
+import torch
+
+from analyses.sae.multi import SourceExhausted
+
+from .corpus import iter_documents, pack
+from .errors import WorkbenchError
+from .store_split import _key
+
+log = logging.getLogger(__name__)
+BIG = 1 << 62
+
+
+def is_heldout(doc_id: int, holdout: float, seed: int) -> bool:
+    return holdout > 0 and _key(seed, doc_id) < holdout * 2.0 ** 64
+
+
+class ModelStream:
+    """A resumable stream of {hook: Tensor[batch_size, d]} computed by ``model`` on ``corpus``."""
+
+    start = (0, 0)
+
+    def __init__(self, model: Any, hooks: list[str], corpus: str, *, seq_len: int = 128, forward_batch: int = 16,
+                 buffer_tokens: int = 1 << 16, seed: int = 0, holdout: float = 0.05, holdout_seed: int = 0,
+                 special_tokens: str = "exclude"):
+        from .collector import _Plan
+        if buffer_tokens < 2 * seq_len:
+            raise WorkbenchError(f"--buffer-tokens {buffer_tokens} holds less than two windows of {seq_len} "
+                                 "tokens; give at least 2 x seq_len (SAELens-like mixing wants >= 2^16)")
+        if not 0 <= holdout < 1:
+            raise WorkbenchError(f"holdout must be a fraction in [0, 1), got {holdout}")
+        self.model, self.corpus = model, corpus
+        self.plan = _Plan.make(model, hooks, corpus, BIG, seq_len, forward_batch, torch.float32, special_tokens,
+                               32, 0, None)
+        self.hooks = self.plan.hooks
+        self.widths = {h: int(model.d(h)) for h in self.hooks}
+        self.buffer_tokens, self.seed = int(buffer_tokens), int(seed)
+        self.holdout, self.holdout_seed = float(holdout), int(holdout_seed)
+        self.windows_per_chunk = max(1, buffer_tokens // 2 // seq_len)
+        self.forward_batch = forward_batch
+        self.n_forward_tokens = 0          # rows computed (for benchmarks)
+
+    def check_batch(self, batch_size: int) -> None:
+        if self.buffer_tokens < batch_size:
+            raise WorkbenchError(f"--buffer-tokens {self.buffer_tokens} is smaller than one batch ({batch_size} "
+                                 "rows): the buffer must hold at least one batch (SAELens uses ~2^16 rows or more)")
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.model.name, "corpus": self.corpus, "hooks": self.hooks, "seq_len": self.plan.seq_len,
+                "buffer_tokens": self.buffer_tokens, "seed": self.seed, "holdout": self.holdout,
+                "holdout_seed": self.holdout_seed, "holdout_rule": "blake2b('{seed}:{doc_id}') < holdout * 2^64"}
+
+    # ----- windows and forward passes
+    def _windows(self, heldout: bool) -> Iterator:
+        p = self.plan
+        ws = pack(iter_documents(self.corpus), self.model.tokenizer, p.seq_len,
+                  bos_id=int(p.bos) if p.prepend_bos else None)
+        return (w for w in ws if is_heldout(w.doc_id, self.holdout, self.holdout_seed) == heldout)
+
+    def _forward(self, windows: list) -> dict[str, torch.Tensor]:
+        from .collector import _batch_rows
+        p = self.plan
+        pad = self.model.special_ids.get("pad")
+        excl = torch.tensor(p.excluded, dtype=torch.long)
+        parts: dict[str, list] = {h: [] for h in self.hooks}
+        for i in range(0, len(windows), self.forward_batch):
+            batch = windows[i:i + self.forward_batch]
+            batch, ids, mask, keep, _ = _batch_rows(batch, p, 0 if pad is None else int(pad), excl, BIG)
+            L = max(len(w.ids) for w in batch)
+            with torch.inference_mode():
+                acts = self.model.run(ids[:, :L].to(p.dev), mask[:, :L].to(p.dev), self.hooks)
+                kd = keep[:, :L].to(p.dev)
+                for h in self.hooks:
+                    parts[h].append(acts[h].reshape(len(batch), L, -1)[kd].float().cpu())
+            del acts
+        out = {h: torch.cat(v) if v else torch.zeros(0, self.widths[h]) for h, v in parts.items()}
+        self.n_forward_tokens += int(next(iter(out.values())).shape[0])
+        return out
+
+    def _gen(self, *tag: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + tag[0] * 8 + tag[1]) % (2 ** 62))
+
+    def open(self, batch_size: int, pos: tuple) -> "_Reader":
+        self.check_batch(batch_size)
+        return _Reader(self, batch_size, int(pos[0]), int(pos[1]))
+
+    def heldout_batches(self, batch_size: int, max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Held-out documents' rows, in corpus order, up to ``max_tokens`` (the end-of-run evaluation)."""
+        ws, done = self._windows(True), 0
+        while done < max_tokens:
+            chunk = list(itertools.islice(ws, self.windows_per_chunk))
+            if not chunk:
+                return
+            acts = self._forward(chunk)
+            n = min(int(acts[self.hooks[0]].shape[0]), max_tokens - done)
+            for i in range(0, n, batch_size):
+                yield {h: a[i:min(i + batch_size, n)] for h, a in acts.items()}
+            done += n
+
+
+class _Reader:
+    """Exactly ``batch_size`` rows per ``next()``; ``state()`` = (cycle, rows of that cycle served)."""
+
+    def __init__(self, ms: ModelStream, batch_size: int, cycle: int, offset: int):
+        self.ms, self.B, self.cycle, self.offset = ms, batch_size, cycle, offset
+        self.windows = ms._windows(False)
+        self.chunk_index = -1              # index of the last chunk read from `windows`
+        self.halves: dict[int, tuple] = {}  # chunk -> (A, B) dicts of rows
+        self.served: dict[str, torch.Tensor] | None = None
+        self.ended = False
+
+    def _chunk(self, c: int):
+        if c < 0:
+            return None
+        if c not in self.halves:
+            while self.chunk_index < c - 1:          # skip without computing (resume / first open)
+                if not list(itertools.islice(self.windows, self.ms.windows_per_chunk)):
+                    return None
+                self.chunk_index += 1
+            chunk = list(itertools.islice(self.windows, self.ms.windows_per_chunk))
+            self.chunk_index += 1
+            if not chunk:
+                return None
+            acts = self.ms._forward(chunk)
+            n = int(acts[self.ms.hooks[0]].shape[0])
+            perm = torch.randperm(n, generator=self.ms._gen(c, 1))
+            a, b = perm[: n // 2], perm[n // 2:]
+            self.halves[c] = ({h: x[a] for h, x in acts.items()}, {h: x[b] for h, x in acts.items()})
+            for old in [k for k in self.halves if k < c - 1]:
+                del self.halves[old]
+        return self.halves[c]
+
+    def _serve(self, c: int) -> dict[str, torch.Tensor] | None:
+        prev, cur = self._chunk(c - 1), self._chunk(c)
+        if cur is None and prev is None:
+            return None
+        parts = [x for x in ((prev[1] if prev else None), (cur[0] if cur else None)) if x is not None]
+        rows = {h: torch.cat([p[h] for p in parts]) for h in self.ms.hooks}
+        n = int(rows[self.ms.hooks[0]].shape[0])
+        perm = torch.randperm(n, generator=self.ms._gen(c, 2))
+        return {h: x[perm] for h, x in rows.items()}
+
+    def state(self) -> tuple[int, int]:
+        return self.cycle, self.offset
+
+    def next(self) -> dict[str, torch.Tensor]:
+        parts: list[dict] = []
+        need = self.B
+        cyc, off = self.cycle, self.offset
+        while need > 0:
+            if self.served is None or self._served_cycle != cyc:
+                self.served = self._serve(cyc)
+                self._served_cycle = cyc
+                if self.served is None:
+                    used = sum(int(p[self.ms.hooks[0]].shape[0]) for p in parts)
+                    raise SourceExhausted(f"the corpus {self.ms.corpus!r} ended (cycle {cyc}; {used} rows of a "
+                                          "last partial batch dropped)")
+            n = int(self.served[self.ms.hooks[0]].shape[0])
+            take = min(need, n - off)
+            if take > 0:
+                parts.append({h: x[off:off + take] for h, x in self.served.items()})
+                need -= take
+                off += take
+            if off >= n:
+                cyc, off = cyc + 1, 0
+        self.cycle, self.offset = cyc, off
+        return {h: torch.cat([p[h] for p in parts]) if len(parts) > 1 else parts[0][h] for h in self.ms.hooks}

@@ -1,0 +1,155 @@
+"""train-sae with a grid (several hooks, --d-sae, --k, --seed values) or straight from the model
+(``--model M --corpus C``, no store): every combination trains from one stream of batches
+(:func:`analyses.sae.multi.train_saes`); each SAE gets its own folder (OUT/NAME, NAME by the one output
+rule: ``ARCH-HOOK-D_SAE`` plus ``-kK`` / ``-sSEED`` when those vary), checkpoints, eval and index row.
+The data order is seeded by the first --seed (a one-value grid is exactly ``train-sae`` alone)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkbenchError
+from ..logs import progress_stream
+from . import StepResult, default_out
+
+
+def as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def is_grid(cfg) -> bool:
+    hooks = as_list(cfg.hook)
+    return bool(getattr(cfg, "model", "")) or any(len(as_list(getattr(cfg, f))) > 1 for f in ("d_sae", "k", "seed")) \
+        or len(hooks) > 1 or any(c in h for h in hooks for c in "{*?,")
+
+
+def _names(combos: list[dict], cfg) -> list[str]:
+    vary_k = len({c["k"] for c in combos}) > 1
+    vary_s = len({c["seed"] for c in combos}) > 1
+    return [f"{cfg.arch}-{c['hook']}-{c['d_sae']}" + (f"-k{c['k']}" if vary_k else "") +
+            (f"-s{c['seed']}" if vary_s else "") for c in combos]
+
+
+def train_grid(cfg, topk_family) -> StepResult:
+    from analyses.sae import SAETrainingError, evaluate_sae
+    from analyses.sae.multi import train_saes
+    from ..hooks import select_hooks
+    pats = [p for h in as_list(cfg.hook) for p in ([h] if h else [])]
+    model_mode = bool(getattr(cfg, "model", ""))
+    if model_mode:
+        if cfg.store:
+            raise WorkbenchError("give a STORE or --model/--corpus, not both")
+        if cfg.n_tokens <= 0:
+            raise WorkbenchError("--model needs --n-tokens (how many tokens to train on)")
+        from ..model_stream import ModelStream
+        from ..models import load_model
+        model = load_model(cfg.model, device=cfg.device)
+        if not pats:
+            raise WorkbenchError("--model needs --hooks (e.g. 'blocks.{3,6}.hook_resid_post')")
+        hooks = model.resolve_hooks(pats)
+        models = {p.split(":", 1)[0] for p in pats if ":" in p}
+        if models and models != {cfg.model}:
+            raise WorkbenchError(f"the hook grid names models {sorted(models)} but one pass runs one model "
+                                 f"({cfg.model}); give one train-sae per model")
+        ms = ModelStream(model, hooks, cfg.corpus, seq_len=cfg.seq_len, buffer_tokens=cfg.buffer_tokens,
+                         seed=as_list(cfg.seed)[0], holdout=cfg.holdout, holdout_seed=cfg.holdout_seed)
+        ms.check_batch(cfg.batch_size)
+        source, near, dims = ms, cfg.out or ".", ms.widths
+        meta_base = {"model_name": cfg.model, "context_size": cfg.seq_len, "dataset_path": cfg.corpus,
+                     "workbench": {"source": {"from_model": ms.info()}}}
+        n_tokens = cfg.n_tokens
+    else:
+        from .sae import _open_store, _store_meta
+        from ._sae_eval import split_meta
+        store = _open_store(cfg.store)
+        hooks = select_hooks(store.hooks, pats, where=f"store {cfg.store}") if pats else list(store.hooks)
+        sp = store.split(cfg.holdout, cfg.holdout_seed)
+        held = sp.heldout_rows.numel() > 0
+        rows = sp.train_rows if held else None
+        dseed, bs = int(as_list(cfg.seed)[0]), int(cfg.batch_size)
+
+        def source(epoch: int):   # same seed for every hook: the same rows in the same order
+            its = [store.batches(h, bs, shuffle=True, seed=dseed * 1000 + epoch, rows=rows) for h in hooks]
+            for parts in zip(*its):
+                yield dict(zip(hooks, parts))
+
+        near, dims = cfg.store, {h: store.d(h) for h in hooks}
+        meta_base = {"workbench": {"split": split_meta(store, sp)}}
+        n_tokens = cfg.n_tokens or int(sp.train_rows.numel())
+    combos = [dict(hook=h, d_sae=int(d) or 8 * dims[h], k=int(k), seed=int(s))
+              for h, d, k, s in itertools.product(hooks, as_list(cfg.d_sae), as_list(cfg.k), as_list(cfg.seed))]
+    names = _names(combos, cfg)
+    outs = [Path(cfg.out) / n if cfg.out else default_out("", near, "saes", n) for n in names]
+    specs = []
+    for c, out in zip(combos, outs):
+        k = c["k"] if cfg.arch in topk_family else None
+        if k is not None and not 1 <= k <= c["d_sae"]:
+            raise WorkbenchError(f"k={k} must be between 1 and d_sae={c['d_sae']}")
+        if (out / "cfg.json").exists():
+            if not cfg.overwrite:
+                raise WorkbenchError(f"{out} already holds an SAE; pass --overwrite or choose another --out")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {**meta_base, "hook_name": c["hook"]}
+        if not model_mode:
+            meta.update(_store_meta(store, c["hook"]))
+        meta["workbench"] = dict(meta_base["workbench"])
+        extra = {kk: v for kk, v in (("l1_coef", cfg.l1_coef), ("l0_coef", cfg.l0_coef)) if v}
+        specs.append(dict(hook=c["hook"], arch=cfg.arch, d_sae=c["d_sae"], k=k, seed=c["seed"], lr=cfg.lr or None,
+                          checkpoint_dir=str(out / ".checkpoints"), metadata=meta, **extra))
+    try:
+        saes = train_saes(source, specs, n_tokens=n_tokens, batch_size=int(cfg.batch_size), device=cfg.device,
+                          checkpoint_every=cfg.checkpoint_every or None,
+                          progress=progress_stream() if cfg.progress else False, on_error="keep")
+    except (SAETrainingError, ValueError) as e:
+        raise WorkbenchError(f"train-sae: {e}") from None
+    rows_out, metrics, failed = [], {}, []
+    for spec, sae, out, name in zip(specs, saes, outs, names):
+        if isinstance(sae, Exception):
+            failed.append(f"{name}: {sae}")
+            continue
+        ev = None
+        if cfg.eval_tokens > 0:
+            h = spec["hook"]
+            if model_mode:
+                data = [b[h] for b in ms.heldout_batches(4096, cfg.eval_tokens)] if cfg.holdout > 0 else None
+            else:
+                data = store.batches(h, 4096, shuffle=True, seed=10_007 + spec["seed"],
+                                     rows=sp.heldout_rows if held else None)
+            if data:
+                ev = evaluate_sae(sae, data, max_tokens=cfg.eval_tokens, device=sae.device)
+                sae.cfg.metadata["workbench"]["eval"] = {kk: v for kk, v in ev.items() if isinstance(v, (int, float))}
+        sae.to("cpu")
+        sae.save(out)
+        shutil.rmtree(out / ".checkpoints", ignore_errors=True)
+        wb = sae.cfg.metadata["workbench"]
+        m = {f"train_{kk}": float(wb[kk]) for kk in ("fvu", "l0")
+             if isinstance(wb.get(kk), float) and math.isfinite(wb[kk])}
+        if ev is not None:
+            m.update({kk: float(ev[kk]) for kk in ("fvu", "l0", "explained_variance")})
+        _index_row(out, cfg, spec, m)
+        rows_out.append({"sae": str(out), **{kk: spec[kk] for kk in ("hook", "d_sae", "k", "seed")}, "metrics": m,
+                         "n_tokens": wb.get("n_tokens"), "data_exhausted": wb.get("data_exhausted")})
+        metrics.update({f"{name}.{kk}": v for kk, v in m.items()})
+    if failed and not rows_out:
+        raise WorkbenchError("every SAE diverged: " + "; ".join(failed))
+    return StepResult(summary={"saes": rows_out, "failed": failed, "hooks": hooks,
+                               "source": "model" if model_mode else "store"},
+                      metrics=metrics, artifacts={f"sae:{r['sae']}": r["sae"] for r in rows_out})
+
+
+def _index_row(out: Path, cfg, spec: dict, metrics: dict) -> None:
+    """One index row per SAE of the grid (the grid run itself is recorded by run_step too)."""
+    from ..workspace import Workspace
+    ws = Workspace.find(out)
+    if ws is None:
+        return
+    c = {**{f: getattr(cfg, f) for f in ("store", "arch", "n_tokens", "batch_size", "lr")},
+         **{kk: spec[kk] for kk in ("d_sae", "k", "seed")}, "hook": spec["hook"], "out": str(out),
+         "model": getattr(cfg, "model", ""), "one_pass_of": str(Path(out).parent)}
+    r = ws.start_run("train_sae", c)
+    ws.finish_run(r, "done", metrics=metrics, artifacts={"sae": str(out)})
