@@ -284,12 +284,17 @@ def test_saelens_dtype_strings_as_saelens_writes_them(tmp_path, written):
     assert load_sae(tmp_path / "s", dtype="torch.float32").W_enc.dtype == torch.float32
 
 
+
+def _edit_cfg(folder, **changes):
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg.update(changes)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
 def test_saelens_unknown_dtype_is_named(tmp_path):
     sae = _random_sae("topk")
     sae.save(tmp_path / "s")
-    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
-    cfg["dtype"] = "torch.int8"
-    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    _edit_cfg(tmp_path / "s", dtype="torch.int8")
     with pytest.raises(ValueError, match=r"dtype 'torch.int8' not supported; use one of float32"):
         load_sae(tmp_path / "s")
 
@@ -326,9 +331,7 @@ def test_cfg_missing_required_keys_are_named(tmp_path):
 def test_unknown_architecture_lists_known(tmp_path):
     sae = _random_sae("relu")
     sae.save(tmp_path / "s")
-    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
-    cfg["architecture"] = "gated"
-    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    _edit_cfg(tmp_path / "s", architecture="gated")
     with pytest.raises(ValueError, match="unknown or unsupported SAE architecture 'gated'.*standard, topk, jumprelu"):
         load_sae(tmp_path / "s")
     with pytest.raises(ValueError, match="known: relu, topk, batchtopk, jumprelu, matryoshka"):

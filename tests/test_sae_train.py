@@ -98,19 +98,26 @@ def test_resume_after_sigkill_with_callable_source(tmp_path):
     _assert_same(load_sae(ck + "_sae"), ref, tol=1e-6)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    X = _data(n=4096)
-
+def _stops_at_step_5_keeping_step_4(X, tmp_path, spoil, match):
+    """Batches from step 5 on are spoiled: training stops there and the step-4 checkpoint stays intact."""
     def source(epoch):
         for i in range(0, 4096, 256):
             b = X[i:i + 256]
-            yield b * 1e30 if i >= 256 * 5 else b    # finite, but squares overflow -> inf loss
-    with pytest.raises(SAETrainingError, match=r"loss became (nan|inf) at step 5.*last good checkpoint kept at"):
+            yield spoil(b) if i >= 256 * 5 else b
+    with pytest.raises(SAETrainingError, match=match):
         train_sae(source, arch="topk", d_sae=64, k=4, n_tokens=4096, batch_size=256, progress=False,
                   checkpoint_dir=tmp_path, checkpoint_every=2)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    X = _data(n=4096)
+
+    # finite, but squares overflow -> inf loss
+    _stops_at_step_5_keeping_step_4(X, tmp_path, lambda b: b * 1e30,
+                                    r"loss became (nan|inf) at step 5.*last good checkpoint kept at")
 
 
 def test_nan_input_is_a_clear_error():
@@ -208,16 +215,9 @@ def test_exploding_lr_stops_with_a_clear_error():
 def test_exploding_batch_keeps_last_good_checkpoint(tmp_path):
     X = _data(n=4096)
 
-    def source(epoch):
-        for i in range(0, 4096, 256):
-            b = X[i:i + 256]
-            yield b + 1e5 if i >= 256 * 5 else b    # finite loss, but FVU ~1e9: the run is broken
-    with pytest.raises(SAETrainingError, match=r"exploded.*at step 5.*last good checkpoint kept at"):
-        train_sae(source, arch="topk", d_sae=64, k=4, n_tokens=4096, batch_size=256, progress=False,
-                  checkpoint_dir=tmp_path, checkpoint_every=2)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 4
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # finite loss, but FVU ~1e9: the run is broken
+    _stops_at_step_5_keeping_step_4(X, tmp_path, lambda b: b + 1e5,
+                                    r"exploded.*at step 5.*last good checkpoint kept at")
 
 
 def test_density_is_counted_on_the_last_training_tokens():

@@ -157,10 +157,8 @@ def test_batches_every_row_once_shuffled_deterministic(synth):
     assert bt.dtype == torch.float64 and bt.shape == (4, 5)
 
 
-def test_batches_memory_bounded(tmp_path, monkeypatch):
-    acts, tok, mask, docs, si, po = _synthetic(n_seq=60, seq_len=16)
-    s = write_store(tmp_path / "big", acts, tok, mask, docs, si, po, "m", shard_rows=25)
-    assert len(s.shard_files()) >= 10
+def _count_rows_read(monkeypatch) -> list[int]:
+    """A one-element list that counts the activation rows read from shards from now on."""
     loaded = [0]
     orig = store_mod._Shard.tensor
 
@@ -171,6 +169,14 @@ def test_batches_memory_bounded(tmp_path, monkeypatch):
         return t
 
     monkeypatch.setattr(store_mod._Shard, "tensor", counting)
+    return loaded
+
+
+def test_batches_memory_bounded(tmp_path, monkeypatch):
+    acts, tok, mask, docs, si, po = _synthetic(n_seq=60, seq_len=16)
+    s = write_store(tmp_path / "big", acts, tok, mask, docs, si, po, "m", shard_rows=25)
+    assert len(s.shard_files()) >= 10
+    loaded = _count_rows_read(monkeypatch)
     yielded, peak, bs, buffer_rows = 0, 0, 10, 30
     for b in s.batches("rowid", bs, seed=5, buffer_rows=buffer_rows):
         yielded += b.shape[0]
@@ -278,16 +284,7 @@ def test_batches_restricted_to_rows(tmp_path, monkeypatch):
     s = write_store(tmp_path / "r", acts, tok, mask, docs, si, po, "m", shard_rows=25)
     n = s.n_rows
     _, held = s.split_rows(0.2, seed=0)
-    loaded = [0]
-    orig = store_mod._Shard.tensor
-
-    def counting(self, name, start=0, stop=None):
-        t = orig(self, name, start, stop)
-        if name.startswith("acts."):
-            loaded[0] += t.shape[0]
-        return t
-
-    monkeypatch.setattr(store_mod._Shard, "tensor", counting)
+    loaded = _count_rows_read(monkeypatch)
     got = [b[:, 0].long() for b in s.batches("rowid", 7, seed=3, rows=held, buffer_rows=30)]
     flat = torch.cat(got)
     assert sorted(flat.tolist()) == held.tolist()                  # those rows, each once

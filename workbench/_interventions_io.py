@@ -3,7 +3,6 @@ others (an SAE or PCA result made on another model or hook is refused, naming bo
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -112,22 +111,13 @@ def encode_rows(sae: Any, x: torch.Tensor) -> torch.Tensor:
 def pca_edits(path: str, components: Iterable[int], coefs: Iterable[float], mode: str, model, hook: str):
     """Edits along principal components of a `pca` result made on this model and hook (read through
     its typed reader, ``steps.pca.read_pca_result``)."""
-    from .interventions import MODES, Edit
+    from .interventions import Edit, paired_values
     from .steps.pca import read_pca_result
     r = read_pca_result(path)                # WorkbenchError for a missing / incomplete / other result
-    comps, coefs = [int(c) for c in components], [float(c) for c in coefs]
+    comps = [int(c) for c in components]
     if not comps:
         raise WorkbenchError("--pca needs --component (which principal component, 0-based)")
-    if len(coefs) == 1 and len(comps) > 1:
-        coefs = coefs * len(comps)
-    if len(coefs) != len(comps):
-        raise WorkbenchError(f"{len(comps)} components but {len(coefs)} coefficients: give one --coef "
-                             "for all, or one per --component")
-    if mode not in MODES:
-        raise WorkbenchError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    for c in coefs:
-        if not math.isfinite(c):
-            raise WorkbenchError(f"PCA coefficients must be finite numbers, got {c}")
+    coefs = paired_values(comps, coefs, mode, what="components", flag="coef")
     if r.model and str(r.model) != str(model.name):
         raise WorkbenchError(f"the PCA result {path} was fitted on model {r.model!r}, not {model.name!r}")
     if model.canonical(r.hook) != model.canonical(hook):

@@ -63,24 +63,31 @@ class Edit:
     positions: tuple[int, ...] | None = None  # sequence positions to edit (None: all but a prepended BOS)
 
 
-def latent_edits(latents: Iterable[int], values: Iterable[float], mode: str, d_sae: int) -> list[Edit]:
-    """Edits from parallel lists; one value is used for every latent."""
-    latents, values = [int(i) for i in latents], [float(v) for v in values]
+def paired_values(items: list, values: Iterable[float], mode: str, *, what: str, flag: str) -> list[float]:
+    """One finite value per item (a single value is used for every item); the mode checked too."""
+    values = [float(v) for v in values]
     if mode not in MODES:
         raise WorkbenchError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if latents and not values:
-        raise WorkbenchError("give a --value for the latents (one for all, or one per --latent)")
-    if len(values) == 1 and len(latents) > 1:
-        values = values * len(latents)
-    if len(values) != len(latents):
-        raise WorkbenchError(f"{len(latents)} latents but {len(values)} values: give one value for all, "
-                             "or one per latent")
-    for i in latents:
-        if not 0 <= i < d_sae:
-            raise WorkbenchError(f"latent {i} is out of range: this SAE has d_sae={d_sae} (latents 0..{d_sae - 1})")
+    if len(values) == 1 and len(items) > 1:
+        values = values * len(items)
+    if len(values) != len(items):
+        raise WorkbenchError(f"{len(items)} {what} but {len(values)} values: give one --{flag} for all, "
+                             f"or one per item")
     for v in values:
         if not math.isfinite(v):
             raise WorkbenchError(f"steering values must be finite numbers, got {v}")
+    return values
+
+
+def latent_edits(latents: Iterable[int], values: Iterable[float], mode: str, d_sae: int) -> list[Edit]:
+    """Edits from parallel lists; one value is used for every latent."""
+    latents = [int(i) for i in latents]
+    if latents and not list(values):
+        raise WorkbenchError("give a --value for the latents (one for all, or one per --latent)")
+    values = paired_values(latents, values, mode, what="latents", flag="value")
+    for i in latents:
+        if not 0 <= i < d_sae:
+            raise WorkbenchError(f"latent {i} is out of range: this SAE has d_sae={d_sae} (latents 0..{d_sae - 1})")
     return [Edit(v, mode, latent=i, label=f"latent {i} {mode} {v:g}") for i, v in zip(latents, values)]
 
 

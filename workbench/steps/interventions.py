@@ -185,12 +185,17 @@ class AttributeResult:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def read_steer_result(path: str | Path) -> SteerResult:
-    """The one reader of a "steer" result (WorkbenchError for a missing one, another kind, a missing key)."""
+def _read(path: str | Path, kind: str, keys: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
     from ..results import read_result
     path = Path(path)
-    m = read_result(path, "steer")
-    _need(path, m, ("model", "hook", "prompt", "edits", "unsteered", "steered", "mean_kl"))
+    m = read_result(path, kind)
+    _need(path, m, keys)
+    return path, m
+
+
+def read_steer_result(path: str | Path) -> SteerResult:
+    """The one reader of a "steer" result (WorkbenchError for a missing one, another kind, a missing key)."""
+    path, m = _read(path, "steer", ("model", "hook", "prompt", "edits", "unsteered", "steered", "mean_kl"))
     return SteerResult(path=path, model=str(m["model"]), hook=str(m["hook"]), prompt=str(m["prompt"]),
                        edits=list(m["edits"]), unsteered=str(m["unsteered"]), steered=str(m["steered"]),
                        mean_kl=float(m["mean_kl"]), table=_table(path, m, STEER_TEXT),
@@ -200,10 +205,7 @@ def read_steer_result(path: str | Path) -> SteerResult:
 
 def read_attribute_result(path: str | Path) -> AttributeResult:
     """The one reader of an "attribute" result (WorkbenchError for a missing one, another kind, a missing key)."""
-    from ..results import read_result
-    path = Path(path)
-    m = read_result(path, "attribute")
-    _need(path, m, ("model", "hook", "metric", "metric_value", "text", "tokens", "agreement"))
+    path, m = _read(path, "attribute", ("model", "hook", "metric", "metric_value", "text", "tokens", "agreement"))
     return AttributeResult(path=path, model=str(m["model"]), hook=str(m["hook"]), metric=str(m["metric"]),
                            metric_value=float(m["metric_value"]), text=str(m["text"]), tokens=list(m["tokens"]),
                            agreement=dict(m["agreement"]), table=_table(path, m, ATTRIBUTE_TEXT),
