@@ -460,6 +460,141 @@ def _centred(X: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return out, mean
 
 
+def _matrix_inputs(reps_a: Sequence[Any], reps_b: Sequence[Any] | None) -> tuple[list, list, int]:
+    """The representations as 2-D tensors (B is A when reps_b is None), checked to share their rows."""
+    A = [as_tensor(r, name=f"reps_a[{i}]") for i, r in enumerate(reps_a)]
+    B = A if reps_b is None else [as_tensor(r, name=f"reps_b[{j}]") for j, r in enumerate(reps_b)]
+    if not A or not B:
+        raise ValueError("similarity_matrix needs at least one representation on each side")
+    n = A[0].shape[0]
+    for name, reps in (("reps_a", A), ("reps_b", B)):
+        for i, r in enumerate(reps):
+            if r.shape[0] != n:
+                raise ValueError(f"all representations must have the same rows: {name}[{i}] has shape "
+                                 f"{tuple(r.shape)}, reps_a[0] has {tuple(A[0].shape)}")
+    return A, B, n
+
+
+def _gram_matrix(A: list, B: list, sym: bool, metric: str, M: torch.Tensor, tick: Callable[[], None],
+                 dt: torch.dtype, dev: torch.device, threshold: float, k: int) -> torch.Tensor:
+    """rbf_cka / mutual_knn: one n x n object per representation (normalised centred RBF Gram, or
+    k-NN lists), then a cheap score per pair."""
+    n = A[0].shape[0]
+    if metric == "mutual_knn" and not (1 <= k < n):
+        raise ValueError(f"k={k} neighbours needs 1 <= k < n rows; got n={n}")
+    if metric == "mutual_knn" and n < 2:
+        raise ValueError("mutual_knn needs at least 2 rows")
+
+    def prep(X):
+        X = X.to(dev)
+        if metric == "mutual_knn":
+            return _knn(X, k)
+        Kc = _center_gram(_gram_rbf(X, threshold), False)
+        return (Kc / torch.linalg.norm(Kc)).to(dt)     # n x n per representation: keep it small
+    PA = [prep(x) for x in A]
+    PB = PA if sym else [prep(x) for x in B]
+    na, nb = len(A), len(B)
+    for i in range(na):
+        for j in range(i if sym else 0, nb):
+            v = _knn_overlap(PA[i], PB[j]) if metric == "mutual_knn" else \
+                float((PA[i].to(F64) * PB[j].to(F64)).sum())
+            M[i, j] = v
+            if sym:
+                M[j, i] = v
+            tick()
+    return M
+
+
+def _block(reps: list, n: int, dt: torch.dtype, dev: torch.device):
+    """All centred representations side by side in one [n, sum d] matrix (views per hook), so
+    that one GEMM per hook covers all its pairs without copying. Returns (Z, offsets, means)."""
+    widths = [int(r.shape[1]) for r in reps]
+    offs = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    Z = torch.empty((n, int(offs[-1])), dtype=dt, device=dev)
+    means = []
+    for j, r in enumerate(reps):
+        c, mean = _centred(r.to(dev), dt)
+        Z[:, offs[j]:offs[j + 1]] = c
+        means.append(mean)
+        del c
+    return Z, offs, means
+
+
+def _side(Z: torch.Tensor, off: int, w: int, mean: torch.Tensor, metric: str,
+          keep: int | float, epsilon: float) -> dict[str, Any]:
+    """What `metric` needs of one representation: its centred view, scatter matrix (summed over
+    row chunks in float64) and per-metric extras (row norms, SVCCA directions, PWCCA whitening)."""
+    n = Z.shape[0]
+    Xc = Z[:, off:off + w]
+    S = torch.zeros((w, w), dtype=F64, device=Z.device)
+    for s in range(0, n, CHUNK_ROWS):
+        c = Xc[s:s + CHUNK_ROWS]
+        S += (c.T @ c).to(F64)
+    info: dict[str, Any] = {"Xc": Xc, "S": S, "mean": mean}
+    if metric == "debiased_cka":
+        info["r"] = _row_sq_norms(Xc, torch.zeros_like(mean))
+    elif metric == "svcca":
+        info["sv"] = _SVSide(S / (n - 1), keep, "a representation", epsilon)
+    elif metric == "pwcca":
+        info["pw"] = _PWSide(S, mean, n, epsilon)
+    return info
+
+
+def _score(metric: str, a: dict[str, Any], b: dict[str, Any], Sab: torch.Tensor, n: int) -> float:
+    """One pair's score from the two sides and their cross-product Sab (p x q)."""
+    if metric == "linear_cka":
+        return _linear_cka_from(a["S"], b["S"], Sab, n)
+    if metric == "debiased_cka":
+        return _linear_cka_from(a["S"], b["S"], Sab, n, a["r"], b["r"], True)
+    if metric == "procrustes":
+        return _procrustes_from(a["S"], b["S"], Sab)
+    if metric == "svcca":
+        return _svcca_pair(a["sv"], b["sv"], Sab / (n - 1))
+    return _pwcca_pair(a["pw"], b["pw"], Sab,
+                       data=lambda: (a["Xc"].to(F64) + a["mean"], b["Xc"].to(F64) + b["mean"]))
+
+
+def _cross_matrix(A: list, B: list, sym: bool, metric: str, M: torch.Tensor, tick: Callable[[], None],
+                  dt: torch.dtype, dev: torch.device, keep: int | float, epsilon: float) -> torch.Tensor:
+    """Metrics from p x q cross-products: per side the centred data and its preparation, then per
+    hook of side A one chunked GEMM against all of side B."""
+    n = A[0].shape[0]
+    if metric in ("svcca", "pwcca") and n < 2:
+        raise ValueError("need at least 2 rows")
+    if metric == "debiased_cka" and n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 rows, got n={n}")
+    if metric == "pwcca":
+        for name, reps in (("reps_a", A), ("reps_b", B)):
+            for i, r in enumerate(reps):
+                if n <= r.shape[1]:
+                    _check_cca_rows(n, r.shape[1], r.shape[1], f"pwcca ({name}[{i}])")
+    na, nb = len(A), len(B)
+    ZB, offs, mB = _block(B, n, dt, dev)
+    SB = [_side(ZB, offs[j], offs[j + 1] - offs[j], mB[j], metric, keep, epsilon) for j in range(nb)]
+    if sym:
+        SA = SB
+    else:
+        ZA, offa, mA = _block(A, n, dt, dev)
+        SA = [_side(ZA, offa[i], offa[i + 1] - offa[i], mA[i], metric, keep, epsilon) for i in range(na)]
+
+    for i in range(na):
+        j0 = i if sym else 0
+        Zb = ZB[:, int(offs[j0]):]                 # a view: hooks j0.. of side B
+        acc = torch.zeros((SA[i]["Xc"].shape[1], Zb.shape[1]), dtype=F64, device=dev)
+        Xa = SA[i]["Xc"]
+        for s in range(0, n, CHUNK_ROWS):
+            acc += (Xa[s:s + CHUNK_ROWS].T @ Zb[s:s + CHUNK_ROWS]).to(F64)
+        for j in range(j0, nb):
+            Sab = acc[:, offs[j] - offs[j0]: offs[j + 1] - offs[j0]]
+            if sym and j == i:
+                Sab = SA[i]["S"]          # the exact same numbers as the diagonal blocks
+            M[i, j] = _score(metric, SA[i], SB[j], Sab, n)
+            if sym and j != i:
+                M[j, i] = _score(metric, SB[j], SA[i], Sab.T, n) if metric == "pwcca" else M[i, j]
+            tick()
+    return M
+
+
 def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None,
                       metric: str = "linear_cka", *, dtype: torch.dtype | str = "float32",
                       keep: int | float = 0.99, epsilon: float = 1e-10, threshold: float = 0.5,
@@ -481,16 +616,7 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if metric == "procrustes":
         dt = F64     # arccos(1 - delta) ~ sqrt(2 delta): float32 products would cost ~1e-4 rad near 0
-    A = [as_tensor(r, name=f"reps_a[{i}]") for i, r in enumerate(reps_a)]
-    B = A if sym else [as_tensor(r, name=f"reps_b[{j}]") for j, r in enumerate(reps_b)]
-    if not A or not B:
-        raise ValueError("similarity_matrix needs at least one representation on each side")
-    n = A[0].shape[0]
-    for name, reps in (("reps_a", A), ("reps_b", B)):
-        for i, r in enumerate(reps):
-            if r.shape[0] != n:
-                raise ValueError(f"all representations must have the same rows: {name}[{i}] has shape "
-                                 f"{tuple(r.shape)}, reps_a[0] has {tuple(A[0].shape)}")
+    A, B, n = _matrix_inputs(reps_a, reps_b)
     dev = resolve_device(device, like=A[0])      # None: where the data is; "auto": GPU when there is one
     na, nb = len(A), len(B)
     M = torch.full((na, nb), float("nan"), dtype=F64)
@@ -504,102 +630,5 @@ def similarity_matrix(reps_a: Sequence[Any], reps_b: Sequence[Any] | None = None
             progress(done, total)
 
     if metric in ("rbf_cka", "mutual_knn"):
-        if metric == "mutual_knn" and not (1 <= k < n):
-            raise ValueError(f"k={k} neighbours needs 1 <= k < n rows; got n={n}")
-        if metric == "mutual_knn" and n < 2:
-            raise ValueError("mutual_knn needs at least 2 rows")
-
-        def prep(X):
-            X = X.to(dev)
-            if metric == "mutual_knn":
-                return _knn(X, k)
-            Kc = _center_gram(_gram_rbf(X, threshold), False)
-            return (Kc / torch.linalg.norm(Kc)).to(dt)     # n x n per representation: keep it small
-        PA = [prep(x) for x in A]
-        PB = PA if sym else [prep(x) for x in B]
-        for i in range(na):
-            for j in range(i if sym else 0, nb):
-                v = _knn_overlap(PA[i], PB[j]) if metric == "mutual_knn" else \
-                    float((PA[i].to(F64) * PB[j].to(F64)).sum())
-                M[i, j] = v
-                if sym:
-                    M[j, i] = v
-                tick()
-        return M
-
-    # ---- cross-product metrics: centred data + per-side preparation
-    if metric in ("svcca", "pwcca") and n < 2:
-        raise ValueError("need at least 2 rows")
-    if metric == "debiased_cka" and n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 rows, got n={n}")
-    if metric == "pwcca":
-        for name, reps in (("reps_a", A), ("reps_b", B)):
-            for i, r in enumerate(reps):
-                if n <= r.shape[1]:
-                    _check_cca_rows(n, r.shape[1], r.shape[1], f"pwcca ({name}[{i}])")
-
-    def block(reps):
-        """All centred representations side by side in one [n, sum d] matrix (views per hook), so
-        that one GEMM per hook covers all its pairs without copying."""
-        widths = [int(r.shape[1]) for r in reps]
-        offs = np.concatenate([[0], np.cumsum(widths)]).astype(int)
-        Z = torch.empty((n, int(offs[-1])), dtype=dt, device=dev)
-        means = []
-        for j, r in enumerate(reps):
-            c, mean = _centred(r.to(dev), dt)
-            Z[:, offs[j]:offs[j + 1]] = c
-            means.append(mean)
-            del c
-        return Z, offs, means
-
-    def side(Z, off, w, mean):
-        Xc = Z[:, off:off + w]
-        S = torch.zeros((w, w), dtype=F64, device=dev)
-        for s in range(0, n, CHUNK_ROWS):
-            c = Xc[s:s + CHUNK_ROWS]
-            S += (c.T @ c).to(F64)
-        info: dict[str, Any] = {"Xc": Xc, "S": S, "mean": mean}
-        if metric == "debiased_cka":
-            info["r"] = _row_sq_norms(Xc, torch.zeros_like(mean))
-        elif metric == "svcca":
-            info["sv"] = _SVSide(S / (n - 1), keep, "a representation", epsilon)
-        elif metric == "pwcca":
-            info["pw"] = _PWSide(S, mean, n, epsilon)
-        return info
-
-    ZB, offs, mB = block(B)
-    SB = [side(ZB, offs[j], offs[j + 1] - offs[j], mB[j]) for j in range(nb)]
-    if sym:
-        SA = SB
-    else:
-        ZA, offa, mA = block(A)
-        SA = [side(ZA, offa[i], offa[i + 1] - offa[i], mA[i]) for i in range(na)]
-
-    def score(a, b, Sab):
-        if metric == "linear_cka":
-            return _linear_cka_from(a["S"], b["S"], Sab, n)
-        if metric == "debiased_cka":
-            return _linear_cka_from(a["S"], b["S"], Sab, n, a["r"], b["r"], True)
-        if metric == "procrustes":
-            return _procrustes_from(a["S"], b["S"], Sab)
-        if metric == "svcca":
-            return _svcca_pair(a["sv"], b["sv"], Sab / (n - 1))
-        return _pwcca_pair(a["pw"], b["pw"], Sab,
-                           data=lambda: (a["Xc"].to(F64) + a["mean"], b["Xc"].to(F64) + b["mean"]))
-
-    for i in range(na):
-        j0 = i if sym else 0
-        Zb = ZB[:, int(offs[j0]):]                 # a view: hooks j0.. of side B
-        acc = torch.zeros((SA[i]["Xc"].shape[1], Zb.shape[1]), dtype=F64, device=dev)
-        Xa = SA[i]["Xc"]
-        for s in range(0, n, CHUNK_ROWS):
-            acc += (Xa[s:s + CHUNK_ROWS].T @ Zb[s:s + CHUNK_ROWS]).to(F64)
-        for j in range(j0, nb):
-            Sab = acc[:, offs[j] - offs[j0]: offs[j + 1] - offs[j0]]
-            if sym and j == i:
-                Sab = SA[i]["S"]          # the exact same numbers as the diagonal blocks
-            M[i, j] = score(SA[i], SB[j], Sab)
-            if sym and j != i:
-                M[j, i] = score(SB[j], SA[i], Sab.T) if metric == "pwcca" else M[i, j]
-            tick()
-    return M
+        return _gram_matrix(A, B, sym, metric, M, tick, dt, dev, threshold, k)
+    return _cross_matrix(A, B, sym, metric, M, tick, dt, dev, keep, epsilon)

@@ -197,72 +197,34 @@ def _doc_of_rows(store) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- API
-def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None = None,
-                   hooks_b: list[str] | None = None, metric: str = "linear_cka", align: str = "auto",
-                   max_rows: int = 0, k: int = 10, keep: float = 0.99, precision: str = "float32",
-                   device: str = "auto", progress: Callable[[int, int], None] | None = None,
-                   max_norm_ratio: float = DEFAULT_RATIO, standardize_dims: bool = False,
-                   drop_top: int = 0, min_docs: int = MIN_DOCS) -> dict[str, Any]:
-    """Similarity matrix between the hooks of one store (or of two stores).
-
-    Returns {"matrix": Tensor[len(hooks_a), len(hooks_b)] (float64), "labels_a", "labels_b",
-    "hooks_a", "hooks_b", "metric", "align" ("position" | "token" | "document"), "n_rows" (rows or documents
-    compared), "n_available", "symmetric", "seconds", "rows_dropped" (+ "rows_dropped_by_hook"),
-    "rogue_dims" {hook: share of variance in its top dimensions}, "rogue_check"}. Rows over
-    `max_norm_ratio` x the median norm are left out (0 keeps them); `standardize_dims` z-scores
-    every dimension and `drop_top` leaves out each hook's top-variance dimensions before the
-    metric. Without either, when some hook has ROGUE_SHARE of its variance in ROGUE_TOP dimensions,
-    the matrix is computed again without them and "rogue_check" says how much the scores move.
-    Raises WorkbenchError when the stores cannot be aligned, naming why."""
-    from analyses.similarity import similarity_matrix
-
-    t0 = time.time()
-    if metric not in METRIC_CHOICES:
-        raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
-    if align not in ("auto", "position", "document", "token"):
-        raise WorkbenchError(f"align must be auto, position, document or token, got {align!r}")
-    sa = _open(store_a)
-    sb = _open(store_b) if store_b not in (None, "") else None
-    one = sb is None or sa.path.resolve() == sb.path.resolve()
-    sb_eff = sa if sb is None else sb
-    ha = _resolve_hooks(sa, hooks_a, "hooks_a")
-    hb = _resolve_hooks(sb_eff, hooks_b, "hooks_b") if (hooks_b or not one) else list(ha)
-
-    # ---- alignment
+def _choose_align(sa, sb, one: bool, align: str) -> str:
+    """The alignment mode to use ("position" | "token" | "document"); raises when `align` cannot work."""
     if one:
-        mode = "position" if align in ("auto", "position", "token") else "document"
-    else:
-        same_tok, why_tok = _same_tokens(sa, sb)
-        if align == "position" and not same_tok:
-            raise WorkbenchError(f"cannot align {sa.path} and {sb.path} by position: {why_tok}. "
-                                 "Stores from different tokenisers can be compared with --align document")
-        if align == "auto":
-            if same_tok:
-                mode = "position"
-            else:
-                ok, why_doc = _same_corpus(sa, sb)
-                if not ok:
-                    raise WorkbenchError(f"cannot align {sa.path} and {sb.path}: not the same tokens "
-                                         f"({why_tok}) and not the same documents ({why_doc}). Collect both "
-                                         "stores from the same corpus")
-                mode = "document"
-        else:
-            mode = align
-        if mode == "document" and align == "document":
-            ok, why_doc = _same_corpus(sa, sb)
-            if not ok:
-                raise WorkbenchError(f"cannot align {sa.path} and {sb.path} by document: {why_doc}")
+        return "position" if align in ("auto", "position", "token") else "document"
+    same_tok, why_tok = _same_tokens(sa, sb)
+    if align == "position" and not same_tok:
+        raise WorkbenchError(f"cannot align {sa.path} and {sb.path} by position: {why_tok}. "
+                             "Stores from different tokenisers can be compared with --align document")
+    if align == "auto":
+        if same_tok:
+            return "position"
+        ok, why_doc = _same_corpus(sa, sb)
+        if not ok:
+            raise WorkbenchError(f"cannot align {sa.path} and {sb.path}: not the same tokens "
+                                 f"({why_tok}) and not the same documents ({why_doc}). Collect both "
+                                 "stores from the same corpus")
+        return "document"
+    if align == "document":
+        ok, why_doc = _same_corpus(sa, sb)
+        if not ok:
+            raise WorkbenchError(f"cannot align {sa.path} and {sb.path} by document: {why_doc}")
+    return align
 
-    gram = metric in GRAM_METRICS
-    cap = (DEFAULT_GRAM_ROWS if gram else DEFAULT_ROWS) if max_rows == 0 else max_rows
-    check_ratio(max_norm_ratio)
-    if drop_top < 0:
-        raise WorkbenchError(f"--drop-top-dims must be >= 0 (0: keep every dimension), got {drop_top}")
-    by_hook_a: dict[str, int] = {}
-    by_hook_b: dict[str, int] = {}
-    keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio, by_hook_a)
-    keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio, by_hook_b)
-    dropped = 0
+
+def _aligned_loaders(sa, sb, one: bool, mode: str, keep_a: torch.Tensor, keep_b: torch.Tensor, cap: int):
+    """Pair rows (or documents) of the two stores, keeping at most `cap` (0: all).
+
+    Returns (n compared, n available, rows dropped, load_a(hook), load_b(hook))."""
     if mode in ("position", "token"):
         if one:
             ia = ib = torch.arange(sa.n_rows)
@@ -282,29 +244,22 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
         n_avail = int(ia.numel())
         sel = _even(n_avail, cap) if cap > 0 else torch.arange(n_avail)
         ia, ib = ia[sel], ib[sel]
+        return (int(ia.numel()), n_avail, dropped,
+                lambda h: _gather(sa, h, ia), lambda h: _gather(sb, h, ib))
+    da, db = _doc_of_rows(sa), _doc_of_rows(sb)
+    docs = torch.unique(da)
+    docs = docs[torch.isin(docs, torch.unique(db))]
+    if docs.numel() == 0:
+        raise WorkbenchError(f"{sa.path} and {sb.path} have no document in common")
+    n_avail = int(docs.numel())
+    docs = docs[_even(n_avail, cap)] if cap > 0 else docs
+    dropped = int((~keep_a).sum()) + (0 if one else int((~keep_b).sum()))
+    return (int(docs.numel()), n_avail, dropped,
+            lambda h: _pool(sa, h, da, docs, keep_a), lambda h: _pool(sb, h, db, docs, keep_b))
 
-        def load_a(h):
-            return _gather(sa, h, ia)
 
-        def load_b(h):
-            return _gather(sb_eff, h, ib)
-    else:
-        da, db = _doc_of_rows(sa), _doc_of_rows(sb_eff)
-        docs = torch.unique(da)
-        docs = docs[torch.isin(docs, torch.unique(db))]
-        if docs.numel() == 0:
-            raise WorkbenchError(f"{sa.path} and {sb_eff.path} have no document in common")
-        n_avail = int(docs.numel())
-        docs = docs[_even(n_avail, cap)] if cap > 0 else docs
-
-        dropped = int((~keep_a).sum()) + (0 if one else int((~keep_b).sum()))
-
-        def load_a(h):
-            return _pool(sa, h, da, docs, keep_a)
-
-        def load_b(h):
-            return _pool(sb_eff, h, db, docs, keep_b)
-    n = int(ia.numel()) if mode != "document" else int(docs.numel())
+def _check_enough(n: int, mode: str, min_docs: int, metric: str, k: int, widest: Callable[[], int]) -> None:
+    """Refuse comparisons on too few rows for the metric (`widest()`: the widest hook compared)."""
     if n < 4:
         raise WorkbenchError(f"only {n} aligned {'rows' if mode != 'document' else 'documents'}; "
                              "need at least 4 to compare")
@@ -316,23 +271,19 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
     if metric == "mutual_knn" and k >= n:
         raise WorkbenchError(f"--k {k} must be smaller than the number of rows compared ({n})")
     if metric in ("pwcca",):
-        widest = max([sa.d(h) for h in ha] + [sb_eff.d(h) for h in hb])
-        if n <= widest:
-            raise WorkbenchError(f"{metric} needs more rows than neurons: {n} rows, hooks up to d={widest}; "
+        d = widest()
+        if n <= d:
+            raise WorkbenchError(f"{metric} needs more rows than neurons: {n} rows, hooks up to d={d}; "
                                  "raise --max-rows or use svcca")
 
-    reps_a = [load_a(h) for h in ha]
-    sym = one and hb == ha
-    reps_b = None if sym else [load_b(h) for h in hb]
-    # how much of each compared representation sits in a few huge-norm rows (attention sinks)
-    share = max(report(torch.linalg.vector_norm(r.float(), dim=1))["sq_norm_share"]
-                for r in reps_a + (reps_b or []))
-    # ... and in a few huge-variance dimensions (rogue dimensions)
-    rogue = {f"A:{h}" if not sym else h: rogue_report(r) for h, r in zip(ha, reps_a)}
-    if not sym:
-        rogue.update({f"B:{h}": rogue_report(r) for h, r in zip(hb, reps_b)})
-    rogue_max = max(v[f"top{ROGUE_TOP}_share"] for v in rogue.values())
-    rogue_any = any(is_rogue(v) for v in rogue.values())
+
+def _scores(reps_a, reps_b, metric: str, precision: str, keep: float, k: int, device: str,
+            progress, standardize_dims: bool, drop_top: int, rogue_any: bool, rogue_max: float):
+    """The similarity matrix after the asked remedies, and the rogue-dimension check:
+    without a remedy and with rogue dimensions present, the matrix again without each hook's top
+    ROGUE_TOP dimensions, and how far the scores move."""
+    from analyses.similarity import similarity_matrix
+
     keep_v: int | float = int(keep) if keep > 1 else float(keep)
 
     def matrix(ra, rb, prog):
@@ -360,6 +311,65 @@ def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None 
         diff = diff[~torch.isnan(diff)]
         check.update(done=True, max_change=float(diff.max()) if diff.numel() else 0.0,
                      matrix_without_top=[[None if v != v else float(v) for v in row] for row in M2.tolist()])
+    return M, check
+
+
+def compare_matrix(store_a: Any, store_b: Any = None, hooks_a: list[str] | None = None,
+                   hooks_b: list[str] | None = None, metric: str = "linear_cka", align: str = "auto",
+                   max_rows: int = 0, k: int = 10, keep: float = 0.99, precision: str = "float32",
+                   device: str = "auto", progress: Callable[[int, int], None] | None = None,
+                   max_norm_ratio: float = DEFAULT_RATIO, standardize_dims: bool = False,
+                   drop_top: int = 0, min_docs: int = MIN_DOCS) -> dict[str, Any]:
+    """Similarity matrix between the hooks of one store (or of two stores).
+
+    Returns {"matrix": Tensor[len(hooks_a), len(hooks_b)] (float64), "labels_a", "labels_b",
+    "hooks_a", "hooks_b", "metric", "align" ("position" | "token" | "document"), "n_rows" (rows or documents
+    compared), "n_available", "symmetric", "seconds", "rows_dropped" (+ "rows_dropped_by_hook"),
+    "rogue_dims" {hook: share of variance in its top dimensions}, "rogue_check"}. Rows over
+    `max_norm_ratio` x the median norm are left out (0 keeps them); `standardize_dims` z-scores
+    every dimension and `drop_top` leaves out each hook's top-variance dimensions before the
+    metric. Without either, when some hook has ROGUE_SHARE of its variance in ROGUE_TOP dimensions,
+    the matrix is computed again without them and "rogue_check" says how much the scores move.
+    Raises WorkbenchError when the stores cannot be aligned, naming why."""
+    t0 = time.time()
+    if metric not in METRIC_CHOICES:
+        raise WorkbenchError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
+    if align not in ("auto", "position", "document", "token"):
+        raise WorkbenchError(f"align must be auto, position, document or token, got {align!r}")
+    sa = _open(store_a)
+    sb = _open(store_b) if store_b not in (None, "") else None
+    one = sb is None or sa.path.resolve() == sb.path.resolve()
+    sb_eff = sa if sb is None else sb
+    ha = _resolve_hooks(sa, hooks_a, "hooks_a")
+    hb = _resolve_hooks(sb_eff, hooks_b, "hooks_b") if (hooks_b or not one) else list(ha)
+    mode = _choose_align(sa, sb, one, align)
+
+    cap = (DEFAULT_GRAM_ROWS if metric in GRAM_METRICS else DEFAULT_ROWS) if max_rows == 0 else max_rows
+    check_ratio(max_norm_ratio)
+    if drop_top < 0:
+        raise WorkbenchError(f"--drop-top-dims must be >= 0 (0: keep every dimension), got {drop_top}")
+    by_hook_a: dict[str, int] = {}
+    by_hook_b: dict[str, int] = {}
+    keep_a = keep_rows(sa, list(dict.fromkeys(ha + (hb if one else []))), max_norm_ratio, by_hook_a)
+    keep_b = keep_a if one else keep_rows(sb_eff, hb, max_norm_ratio, by_hook_b)
+    n, n_avail, dropped, load_a, load_b = _aligned_loaders(sa, sb_eff, one, mode, keep_a, keep_b, cap)
+    _check_enough(n, mode, min_docs, metric, k,
+                  lambda: max([sa.d(h) for h in ha] + [sb_eff.d(h) for h in hb]))
+
+    reps_a = [load_a(h) for h in ha]
+    sym = one and hb == ha
+    reps_b = None if sym else [load_b(h) for h in hb]
+    # how much of each compared representation sits in a few huge-norm rows (attention sinks)
+    share = max(report(torch.linalg.vector_norm(r.float(), dim=1))["sq_norm_share"]
+                for r in reps_a + (reps_b or []))
+    # ... and in a few huge-variance dimensions (rogue dimensions)
+    rogue = {f"A:{h}" if not sym else h: rogue_report(r) for h, r in zip(ha, reps_a)}
+    if not sym:
+        rogue.update({f"B:{h}": rogue_report(r) for h, r in zip(hb, reps_b)})
+    rogue_max = max(v[f"top{ROGUE_TOP}_share"] for v in rogue.values())
+    rogue_any = any(is_rogue(v) for v in rogue.values())
+    M, check = _scores(reps_a, reps_b, metric, precision, keep, k, device, progress,
+                       standardize_dims, drop_top, rogue_any, rogue_max)
     return {"matrix": M, "hooks_a": ha, "hooks_b": hb, "labels_a": list(ha), "labels_b": list(hb),
             "metric": metric, "align": mode, "n_rows": n, "n_available": n_avail, "symmetric": sym,
             "max_norm_ratio": float(max_norm_ratio), "rows_dropped": dropped,

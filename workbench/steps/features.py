@@ -233,43 +233,14 @@ def _check_inputs(sae: Any, store: Any, hook: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- compute
-@torch.no_grad()
-def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 0, batch_size: int = 1024,
-                     context: int = 5, n_top: int = 20, n_buckets: int = 10, per_bucket: int = 5,
-                     hist_bins: int = 40, n_neighbours: int = 10, n_neurons: int = 8, n_logits: int = 10,
-                     logit_bins: int = 40, W_U: torch.Tensor | None = None, tokenizer: Any = None,
-                     device: str = "auto", seed: int = 0, cache_mb: float = 2048,
-                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
-    """The whole computation, without writing: (result.json fields, tensors, token strings).
-    `sae`: an SAE object (encode, W_dec, cfg); `store`: an open ActivationStore."""
-    t0 = time.time()
-    dev = _resolve_device(device)
-    hook = _check_inputs(sae, store, hook)
-    W_dec = _sae_param(sae, "W_dec")
-    d_sae, d_in = W_dec.shape
-    if batch_size < 1 or context < 0 or n_top < 0:
-        raise WorkbenchError("batch_size must be >= 1, context and n_top >= 0")
-    n = store.n_rows if not max_tokens or max_tokens <= 0 else min(int(max_tokens), store.n_rows)
-    if n == 0:
-        raise WorkbenchError(f"store {store.path if hasattr(store, 'path') else ''} has no rows")
-    W = 2 * context + 1
-    window_rows, seq_index, position = _window_rows_fn(store, context)
-    try:
-        sae_dtype = _sae_param(sae, "W_enc").dtype
-    except AttributeError:
-        sae_dtype = torch.float32
-    if hasattr(sae, "to"):
-        try:
-            sae = sae.to(dev)
-        except Exception:  # noqa: BLE001 - plain stand-ins
-            pass
+def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size: int, window_rows: Any,
+                  halo: int, dev: torch.device, sae_dtype: torch.dtype, cache_mb: float, d_sae: int):
+    """Stream the store through the SAE for every pass of `acc` (rows further than `halo` from a
+    batch are left out of its windows). Returns (encode seconds, codes cached).
 
-    acc = FeatureStatsAccumulator(d_sae, n_top=n_top, n_buckets=n_buckets, per_bucket=per_bucket,
-                                  hist_bins=hist_bins, window=W, seed=seed, device=dev)
-    halo = 2 * W + 32
+    Sparse codes of pass 1 are kept (12 bytes per non-zero) for the later pass while they fit in
+    cache_mb, so pass 2 usually needs no second encode; past the budget it re-encodes instead."""
     t_enc = 0.0
-    # Sparse codes of pass 1 are kept (12 bytes per non-zero) for the later pass while they fit in
-    # cache_mb, so pass 2 usually needs no second encode; past the budget it re-encodes instead.
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] | None = [] if cache_mb > 0 else None
     cache_bytes = 0
     for p in range(acc.n_passes):
@@ -305,21 +276,15 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
         acc.end_pass()
         _log(f"pass {p + 1}/{acc.n_passes}: {n} rows in {time.time() - tp:.1f}s"
              + (" (codes cached from pass 1)" if p > 0 and cache is not None else ""))
-    codes_cached = cache is not None and acc.n_passes > 1
-    del cache
-    st = acc.result().to("cpu")
-    t_stats = time.time() - t0
+    return t_enc, cache is not None and acc.n_passes > 1
 
-    tensors: dict[str, torch.Tensor] = {
-        "count": st.count, "max": st.max.float(), "mean": st.mean.float(),
-        "top_values": st.top_values.float(), "top_rows": st.top_rows,
-        "top_window_acts": st.top_window_acts.clamp(-65504, 65504).half(),
-        "bucket_values": st.bucket_values.float(), "bucket_rows": st.bucket_rows,
-        "bucket_window_acts": st.bucket_window_acts.clamp(-65504, 65504).half(),
-        "bucket_counts": st.bucket_counts, "hist_counts": st.hist_counts,
-    }
-    # ---- weight-based panels
-    tw = time.time()
+
+def _weight_panels(W_dec: torch.Tensor, dev: torch.device, n_neighbours: int, n_neurons: int,
+                   W_U: torch.Tensor | None, n_logits: int, logit_bins: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Panels from the weights alone: decoder neighbours, neuron alignment, logit table.
+    Returns (tensors, why there is no logit table: "" when there is one)."""
+    d_sae, d_in = W_dec.shape
+    tensors: dict[str, torch.Tensor] = {}
     Wd = W_dec.to(dev).float()
     if d_sae > 1 and n_neighbours > 0:
         ids, cos = decoder_neighbours(Wd, n=n_neighbours)
@@ -329,7 +294,7 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
         tensors["neighbour_cos"] = torch.zeros((d_sae, 0))
     nid, nval, nfrac = neuron_alignment(Wd, n=n_neurons)
     tensors["neuron_ids"], tensors["neuron_values"], tensors["neuron_fraction"] = nid.cpu(), nval.cpu(), nfrac.cpu()
-    has_logits, logits_reason = False, "no unembedding given"
+    logits_reason = "no unembedding given"
     if W_U is not None:
         if W_U.shape[0] != d_in:
             logits_reason = (f"hook dimension d_in={d_in} differs from the model's d_model={W_U.shape[0]}; "
@@ -338,10 +303,13 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
             lt = logit_table(Wd, W_U.to(dev), k=n_logits, bins=logit_bins)
             for k_, v_ in lt.items():
                 tensors["logit_" + k_] = v_.cpu()
-            has_logits, logits_reason = True, ""
-    t_weights = time.time() - tw
+            logits_reason = ""
+    return tensors, logits_reason
 
-    # ---- example windows of the referenced rows only
+
+def _example_windows(st: Any, store: Any, seq_index: torch.Tensor, position: torch.Tensor,
+                     context: int) -> dict[str, torch.Tensor]:
+    """Token windows (-1: outside the sequence or padding) of the rows the examples refer to, only."""
     refs = torch.cat([st.top_rows.reshape(-1), st.bucket_rows.reshape(-1)])
     ref_rows = torch.unique(refs[refs >= 0])
     seqs = store.sequences()
@@ -354,8 +322,63 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
     wt = tok[rs[:, None], ppc]
     ok = inside & mask[rs[:, None], ppc]
     window_tokens = torch.where(ok, wt, torch.full_like(wt, -1)).to(torch.int32)
-    tensors.update(ref_rows=ref_rows, ref_seq=rs, ref_pos=rp, ref_doc=docs[rs], window_token_ids=window_tokens)
+    return {"ref_rows": ref_rows, "ref_seq": rs, "ref_pos": rp, "ref_doc": docs[rs], "window_token_ids": window_tokens}
 
+
+@torch.no_grad()
+def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 0, batch_size: int = 1024,
+                     context: int = 5, n_top: int = 20, n_buckets: int = 10, per_bucket: int = 5,
+                     hist_bins: int = 40, n_neighbours: int = 10, n_neurons: int = 8, n_logits: int = 10,
+                     logit_bins: int = 40, W_U: torch.Tensor | None = None, tokenizer: Any = None,
+                     device: str = "auto", seed: int = 0, cache_mb: float = 2048,
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """The whole computation, without writing: (result.json fields, tensors, token strings).
+    `sae`: an SAE object (encode, W_dec, cfg); `store`: an open ActivationStore."""
+    t0 = time.time()
+    dev = _resolve_device(device)
+    hook = _check_inputs(sae, store, hook)
+    W_dec = _sae_param(sae, "W_dec")
+    d_sae, d_in = W_dec.shape
+    if batch_size < 1 or context < 0 or n_top < 0:
+        raise WorkbenchError("batch_size must be >= 1, context and n_top >= 0")
+    n = store.n_rows if not max_tokens or max_tokens <= 0 else min(int(max_tokens), store.n_rows)
+    if n == 0:
+        raise WorkbenchError(f"store {store.path if hasattr(store, 'path') else ''} has no rows")
+    W = 2 * context + 1
+    window_rows, seq_index, position = _window_rows_fn(store, context)
+    try:
+        sae_dtype = _sae_param(sae, "W_enc").dtype
+    except AttributeError:
+        sae_dtype = torch.float32
+    if hasattr(sae, "to"):
+        try:
+            sae = sae.to(dev)
+        except Exception:  # noqa: BLE001 - plain stand-ins
+            pass
+
+    acc = FeatureStatsAccumulator(d_sae, n_top=n_top, n_buckets=n_buckets, per_bucket=per_bucket,
+                                  hist_bins=hist_bins, window=W, seed=seed, device=dev)
+    t_enc, codes_cached = _stats_passes(sae, store, hook, acc, n, batch_size, window_rows, 2 * W + 32,
+                                        dev, sae_dtype, cache_mb, d_sae)
+    st = acc.result().to("cpu")
+    t_stats = time.time() - t0
+
+    tensors: dict[str, torch.Tensor] = {
+        "count": st.count, "max": st.max.float(), "mean": st.mean.float(),
+        "top_values": st.top_values.float(), "top_rows": st.top_rows,
+        "top_window_acts": st.top_window_acts.clamp(-65504, 65504).half(),
+        "bucket_values": st.bucket_values.float(), "bucket_rows": st.bucket_rows,
+        "bucket_window_acts": st.bucket_window_acts.clamp(-65504, 65504).half(),
+        "bucket_counts": st.bucket_counts, "hist_counts": st.hist_counts,
+    }
+    tw = time.time()
+    panels, logits_reason = _weight_panels(W_dec, dev, n_neighbours, n_neurons, W_U, n_logits, logit_bins)
+    tensors.update(panels)
+    has_logits = not logits_reason
+    t_weights = time.time() - tw
+    tensors.update(_example_windows(st, store, seq_index, position, context))
+
+    window_tokens = tensors["window_token_ids"]
     ids_used = [window_tokens[window_tokens >= 0].long()]
     if has_logits:
         ids_used += [tensors["logit_top_ids"].reshape(-1), tensors["logit_bottom_ids"].reshape(-1)]
@@ -368,10 +391,11 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
         "d_sae": int(d_sae), "d_in": int(d_in), "n_tokens": int(st.n_tokens), "n_top": n_top,
         "n_buckets": acc.n_buckets, "per_bucket": acc.per_bucket, "hist_bins": hist_bins,
         "context": context, "window": W, "n_neighbours": int(tensors["neighbour_ids"].shape[1]),
-        "n_neurons": int(nid.shape[1]), "n_logits": int(tensors["logit_top_ids"].shape[1]) if has_logits else 0,
+        "n_neurons": int(tensors["neuron_ids"].shape[1]),
+        "n_logits": int(tensors["logit_top_ids"].shape[1]) if has_logits else 0,
         "logit_bins": logit_bins if has_logits else 0, "has_logits": has_logits, "logits_reason": logits_reason,
         "dead_fraction": dead, "mean_l0": float(st.count.sum()) / max(st.n_tokens, 1),
-        "passes": acc.n_passes, "codes_cached": codes_cached, "n_referenced_rows": int(ref_rows.numel()),
+        "passes": acc.n_passes, "codes_cached": codes_cached, "n_referenced_rows": int(tensors["ref_rows"].numel()),
         "tokens_decoded": tokenizer is not None, "device": str(dev),
         "timing": {"stats_s": round(t_stats, 3), "encode_s": round(t_enc, 3), "weights_s": round(t_weights, 3),
                    "total_s": round(time.time() - t0, 3)},

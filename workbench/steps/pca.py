@@ -104,42 +104,15 @@ def _figures(pca, proj: torch.Tensor, labels: list[str], hook: str) -> dict[str,
     return {"scree": scree, "projection": scatter}
 
 
-@register("pca", PCAConfig, help="PCA of one hook of an activation store (one streamed pass; sums in float64)")
-def pca_step(cfg: PCAConfig) -> StepResult:
-    from analyses.geometry import geometry_report
+def _fit_streaming(store, hook: str, cfg: PCAConfig, keep: torch.Tensor, norms: torch.Tensor,
+                   sample_rows: torch.Tensor):
+    """One pass over the store: fit the PCA on the kept rows and, from the same stream, gather the
+    sampled rows, fill `norms` (when no pass of their own made them) and the per-dimension variances
+    (rogue dimensions). Returns (fitted PCA, variances [d] float64, sample [m, d])."""
     from analyses.pca import PCA
-    from ..results import prepare_out, write_result
-    from ..store import ActivationStore
-    from ._norms import (REPORT_RATIO, ROGUE_TOP, check_ratio, is_rogue, massive, report, rogue_from_var,
-                         row_norms)
 
-    store = ActivationStore.open(cfg.store)
-    hook = pick_hook(store, cfg.hook)
     d, n = store.d(hook), store.n_rows
-    if cfg.k < 1 or cfg.k > min(n, d):
-        raise WorkbenchError(f"--k {cfg.k} must be between 1 and min(n_rows, d) = min({n}, {d}) = {min(n, d)}")
-    if cfg.batch_size < 1:
-        raise WorkbenchError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    check_ratio(cfg.max_norm_ratio)
-    # row norms: a pass of their own only when rows are to be dropped (the median must be known
-    # first); otherwise they are taken from the fit's own stream, for the report
-    if cfg.max_norm_ratio:
-        norms = row_norms(store, hook, cfg.batch_size)
-        keep = ~massive(norms, cfg.max_norm_ratio)
-    else:
-        norms, keep = torch.empty(n, dtype=torch.float32), torch.ones(n, dtype=torch.bool)
     n_keep = int(keep.sum())
-    if cfg.k > min(n_keep, d):
-        raise WorkbenchError(f"--k {cfg.k} is more than the {n_keep} rows left after --max-norm-ratio "
-                             f"{cfg.max_norm_ratio}")
-    out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
-    prepare_out(out, cfg.overwrite, "PCA result")
-
-    # evenly spaced sample of the kept rows, gathered while streaming (projection plot, anisotropy)
-    kept_idx = keep.nonzero()[:, 0]
-    m = min(max(cfg.sample, 0), n_keep)
-    sample_rows = kept_idx[torch.linspace(0, n_keep - 1, m).round().long().unique()] if m \
-        else torch.zeros(0, dtype=torch.long)
     kept: list[torch.Tensor] = []
     col = {"n": 0, "s": torch.zeros(d, dtype=torch.float64), "q": torch.zeros(d, dtype=torch.float64)}
 
@@ -170,10 +143,80 @@ def pca_step(cfg: PCAConfig) -> StepResult:
         pca.fit(stream())
     except ValueError as e:
         raise WorkbenchError(f"PCA of {hook} in {store.path}: {e}") from None
-    outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
     var = (col["q"] - col["s"] ** 2 / col["n"]) / max(col["n"] - 1, 1)
-    rogue = rogue_from_var(var)
     sample = torch.cat(kept) if kept else torch.zeros((0, d))
+    return pca, var, sample
+
+
+def _pca_report(cfg: PCAConfig, out: Path, hook: str, d: int, n_samples: int, evr_k: float, dropped: int,
+                geo: dict[str, Any], outliers: dict[str, Any], rogue: dict[str, Any]) -> StepResult:
+    """Summary, metrics and warnings (attention sinks, rogue dimensions) of a written PCA result."""
+    from ._norms import REPORT_RATIO, ROGUE_TOP, is_rogue
+
+    metrics = {"explained_variance_ratio_k": evr_k, "n_samples": float(n_samples),
+               "rows_dropped": float(dropped), "massive_sq_norm_share": outliers["sq_norm_share"]}
+    metrics.update({k: float(v) for k, v in geo.items() if isinstance(v, (int, float))})
+    summary = {"out": str(out), "hook": hook, "k": cfg.k, "method": cfg.method, "n_samples": n_samples,
+               "d": d, "explained_variance_ratio_k": evr_k, "rows_dropped": dropped}
+    metrics["rogue_top_share"] = rogue[f"top{ROGUE_TOP}_share"]
+    if dropped:
+        summary["note"] = (f"{dropped} rows left out: norm over {cfg.max_norm_ratio:g}x the median (attention "
+                           f"sinks); --max-norm-ratio 0 keeps them")
+    warnings = []
+    if not cfg.max_norm_ratio and outliers["sq_norm_share"] > 0.5:
+        warnings.append(f"{outliers['rows']} rows ({100 * outliers['row_fraction']:.2f}%) with norms over "
+                        f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
+                        f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
+    if is_rogue(rogue):
+        warnings.append(f"rogue dimensions: dimension(s) {rogue['dims']} hold "
+                        f"{100 * rogue[f'top{ROGUE_TOP}_share']:.0f}% of the variance, so the first components are "
+                        f"mostly those coordinates (Timkey & van Schijndel 2021)")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
+    return StepResult(
+        summary=summary,
+        metrics=metrics,
+        artifacts={"result": str(out), "scree": str(out / "scree.html"),
+                   "projection": str(out / "projection.html"), "model": str(out / "model")})
+
+
+@register("pca", PCAConfig, help="PCA of one hook of an activation store (one streamed pass; sums in float64)")
+def pca_step(cfg: PCAConfig) -> StepResult:
+    from analyses.geometry import geometry_report
+    from ..results import prepare_out, write_result
+    from ..store import ActivationStore
+    from ._norms import REPORT_RATIO, check_ratio, massive, report, rogue_from_var, row_norms
+
+    store = ActivationStore.open(cfg.store)
+    hook = pick_hook(store, cfg.hook)
+    d, n = store.d(hook), store.n_rows
+    if cfg.k < 1 or cfg.k > min(n, d):
+        raise WorkbenchError(f"--k {cfg.k} must be between 1 and min(n_rows, d) = min({n}, {d}) = {min(n, d)}")
+    if cfg.batch_size < 1:
+        raise WorkbenchError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_ratio(cfg.max_norm_ratio)
+    # row norms: a pass of their own only when rows are to be dropped (the median must be known
+    # first); otherwise they are taken from the fit's own stream, for the report
+    if cfg.max_norm_ratio:
+        norms = row_norms(store, hook, cfg.batch_size)
+        keep = ~massive(norms, cfg.max_norm_ratio)
+    else:
+        norms, keep = torch.empty(n, dtype=torch.float32), torch.ones(n, dtype=torch.bool)
+    n_keep = int(keep.sum())
+    if cfg.k > min(n_keep, d):
+        raise WorkbenchError(f"--k {cfg.k} is more than the {n_keep} rows left after --max-norm-ratio "
+                             f"{cfg.max_norm_ratio}")
+    out = default_out(cfg.out, cfg.store, "results", f"pca-{_safe(Path(cfg.store).name)}-{_safe(hook)}")
+    prepare_out(out, cfg.overwrite, "PCA result")
+
+    # evenly spaced sample of the kept rows, gathered while streaming (projection plot, anisotropy)
+    kept_idx = keep.nonzero()[:, 0]
+    m = min(max(cfg.sample, 0), n_keep)
+    sample_rows = kept_idx[torch.linspace(0, n_keep - 1, m).round().long().unique()] if m \
+        else torch.zeros(0, dtype=torch.long)
+    pca, var, sample = _fit_streaming(store, hook, cfg, keep, norms, sample_rows)
+    outliers = report(norms, cfg.max_norm_ratio or REPORT_RATIO)
+    rogue = rogue_from_var(var)
     proj = pca.transform(sample)[:, :2] if sample.shape[0] else torch.zeros((0, 2))
     spectrum = pca.eigenvalues_ if pca.eigenvalues_ is not None else pca.explained_variance_
     geo = geometry_report(spectrum.cpu(), sample if sample.shape[0] >= 2 else None)
@@ -199,31 +242,7 @@ def pca_step(cfg: PCAConfig) -> StepResult:
     }
     figs = _figures(pca, torch.as_tensor(proj), _token_labels(store, sample_rows), hook)
     write_result(out, "pca", data, tensors={k: v.detach().cpu() for k, v in tensors.items()}, figures=figs)
-    metrics = {"explained_variance_ratio_k": float(evr.sum()), "n_samples": float(pca.n_samples_),
-               "rows_dropped": float(n - n_keep), "massive_sq_norm_share": outliers["sq_norm_share"]}
-    metrics.update({k: float(v) for k, v in geo.items() if isinstance(v, (int, float))})
-    summary = {"out": str(out), "hook": hook, "k": cfg.k, "method": cfg.method, "n_samples": pca.n_samples_,
-               "d": d, "explained_variance_ratio_k": float(evr.sum()), "rows_dropped": n - n_keep}
-    metrics["rogue_top_share"] = rogue[f"top{ROGUE_TOP}_share"]
-    if n_keep < n:
-        summary["note"] = (f"{n - n_keep} rows left out: norm over {cfg.max_norm_ratio:g}x the median (attention "
-                           f"sinks); --max-norm-ratio 0 keeps them")
-    warnings = []
-    if not cfg.max_norm_ratio and outliers["sq_norm_share"] > 0.5:
-        warnings.append(f"{outliers['rows']} rows ({100 * outliers['row_fraction']:.2f}%) with norms over "
-                        f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
-                        f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
-    if is_rogue(rogue):
-        warnings.append(f"rogue dimensions: dimension(s) {rogue['dims']} hold "
-                        f"{100 * rogue[f'top{ROGUE_TOP}_share']:.0f}% of the variance, so the first components are "
-                        f"mostly those coordinates (Timkey & van Schijndel 2021)")
-    if warnings:
-        summary["warning"] = "; ".join(warnings)
-    return StepResult(
-        summary=summary,
-        metrics=metrics,
-        artifacts={"result": str(out), "scree": str(out / "scree.html"),
-                   "projection": str(out / "projection.html"), "model": str(out / "model")})
+    return _pca_report(cfg, out, hook, d, pca.n_samples_, float(evr.sum()), n - n_keep, geo, outliers, rogue)
 
 
 @dataclass(frozen=True)

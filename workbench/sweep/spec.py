@@ -248,8 +248,25 @@ class _Validator:
 
     def run(self) -> SweepSpec:
         from .. import steps as steps_mod   # registers the built-in steps
-        raw = self.raw
-        sw = raw.get("sweep", {})
+        sw, name, executor, imports, resources = self._sweep_table(steps_mod.STEPS)
+        src = source_step()
+        shared = self._shared_options(src)
+        models, names = self._models(src, shared)
+        entries = self._step_tables(src, names, steps_mod.STEPS)
+        self._check_sae_makers(entries)
+        if self.errors:
+            n = len(self.errors)
+            raise SweepError(f"sweep has {n} problem{'s' * (n > 1)}:\n  " + "\n  ".join(self.errors))
+        return SweepSpec(name=name, workspace=sw.get("workspace", "ws"), executor=executor,
+                         ray_address=sw.get("ray_address") or None, imports=imports,
+                         resources=resources, models=models, steps=entries,
+                         source=self.loc.source, raw=self.raw)
+
+    # ------------------------------------------------------------------ tables
+    def _sweep_table(self, step_names):
+        """[sweep]: keys, imports (imported now: they may register steps), name, executor, resources.
+        Returns (table, name, executor, imports, resources)."""
+        sw = self.raw.get("sweep", {})
         if not isinstance(sw, dict):
             self.err("must be a table", "sweep")
             sw = {}
@@ -280,19 +297,19 @@ class _Validator:
             self.err("must be a table of step = {num_cpus = N, num_gpus = N}", "sweep", "resources")
             resources = {}
         for st, res in resources.items():
-            if st not in steps_mod.STEPS:
-                self.err(f"unknown step {st!r}{_didyoumean(st, steps_mod.STEPS)}; steps: "
-                         f"{', '.join(steps_mod.STEPS)}", "sweep", "resources")
+            if st not in step_names:
+                self.err(f"unknown step {st!r}{_didyoumean(st, step_names)}; steps: "
+                         f"{', '.join(step_names)}", "sweep", "resources")
             elif not (isinstance(res, dict) and set(res) <= {"num_cpus", "num_gpus"}
                       and all(_scalar_ok(v, float) and v >= 0 for v in res.values())):
                 self.err(f"{st}: expected {{num_cpus = N, num_gpus = N}}, got {res!r}", "sweep", "resources")
+        return sw, name, executor, imports, resources
 
-        src = source_step()
+    def _shared_options(self, src: str) -> dict[str, Any]:
+        """Collect options shared by every model: [corpus] then [collect]."""
         cfields, chints = step_fields(src)
-
-        # ---- collect options shared by every model: [corpus] then [collect]
         shared: dict[str, Any] = {}
-        corpus = raw.get("corpus", {})
+        corpus = self.raw.get("corpus", {})
         if not isinstance(corpus, dict):
             self.err("must be a table", "corpus")
             corpus = {}
@@ -300,17 +317,20 @@ class _Validator:
             fk = "corpus" if k == "spec" else k
             if self._check_option(src, cfields, chints, fk, v, "corpus", k, grid=False):
                 shared[fk] = v
-        col = raw.get(src, {})
+        col = self.raw.get(src, {})
         if not isinstance(col, dict):
             self.err("must be a table (one set of collect options for every model)", src)
             col = {}
         for k, v in col.items():
             if self._check_option(src, cfields, chints, k, v, src, k, grid=False):
                 shared[k] = v
+        return shared
 
-        # ---- models
+    def _models(self, src: str, shared: dict[str, Any]) -> tuple[list[ModelEntry], set[str]]:
+        """[[models]]: one entry per model (its collect options = shared + its own); and their names."""
+        cfields, chints = step_fields(src)
         models: list[ModelEntry] = []
-        mlist = raw.get("models")
+        mlist = self.raw.get("models")
         if mlist is None:
             self.errors.append(f"{self.loc.source}: no [[models]] table; add at least one "
                                "([[models]] spec = \"smollm2-135m\" hooks = [...])")
@@ -358,14 +378,16 @@ class _Validator:
             self.errors.append(f"{self.loc.source}: [corpus].spec is required (e.g. spec = \"builtin\")")
         if models:
             self._precheck(src, "source", [{**models[0].collect}], src, None)
+        return models, names
 
-        # ---- step tables
+    def _step_tables(self, src: str, names: set[str], step_names) -> list[StepEntry]:
+        """Every other table: a step (one table, or an array of them) run over the models' stores."""
         entries: list[StepEntry] = []
-        for table, body in raw.items():
+        for table, body in self.raw.items():
             if table in ("sweep", "models", "corpus", src):
                 continue
-            if table not in steps_mod.STEPS:
-                valid = ["sweep", "models", "corpus", *steps_mod.STEPS]
+            if table not in step_names:
+                valid = ["sweep", "models", "corpus", *step_names]
                 self.err(f"unknown table{_didyoumean(table, valid)}; valid tables: {', '.join(valid)}", table)
                 continue
             role = part_of(table)
@@ -381,7 +403,10 @@ class _Validator:
                 e = self._step_entry(table, role, b, idx, names)
                 if e is not None:
                     entries.append(e)
-        # dependants of SAEs need an SAE producer in the sweep
+        return entries
+
+    def _check_sae_makers(self, entries: list[StepEntry]) -> None:
+        """Dependants of SAEs need an SAE producer in the sweep."""
         makers = sae_steps()
         needs_saes = ("per_sae", "sae_pair")
         if any(e.role in needs_saes for e in entries) and not any(e.step in makers for e in entries):
@@ -389,13 +414,6 @@ class _Validator:
                 if e.role in needs_saes:
                     self.err(f"needs SAEs, but the sweep trains none (add a [{makers[0] if makers else 'train_sae'}] "
                              "table)", e.step)
-        if self.errors:
-            n = len(self.errors)
-            raise SweepError(f"sweep has {n} problem{'s' * (n > 1)}:\n  " + "\n  ".join(self.errors))
-        return SweepSpec(name=name, workspace=sw.get("workspace", "ws"), executor=executor,
-                         ray_address=sw.get("ray_address") or None, imports=imports,
-                         resources=resources, models=models, steps=entries,
-                         source=self.loc.source, raw=raw)
 
     # ------------------------------------------------------------------ helpers
     def _check_option(self, step, fields, hints, fk, v, table, key, *, grid: bool,
@@ -446,6 +464,31 @@ class _Validator:
     def _step_entry(self, step, role, body, idx, model_names) -> StepEntry | None:
         fields, hints = step_fields(step)
         n0 = len(self.errors)
+        sel_models, sel_hooks = self._selection(step, body, idx, model_names)
+        within: bool | list[str] = True
+        across: list[tuple[str, str]] = []
+        if role == "pair":
+            within, across = self._pair_keys(step, body, idx, model_names, sel_models)
+        pairs: list[str] = []
+        if role == "sae_pair":
+            from .pairs import check_pairs
+            pairs, why = check_pairs(body.get("pairs"))
+            if why:
+                self.err(why, step, "pairs", idx)
+        special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set()) \
+            | (SAE_PAIR_KEYS if role == "sae_pair" else set())
+        axes, fixed = self._grid(step, fields, hints, body, special, idx)
+        variants = [dict(fixed, **dict(zip([a for a, _ in axes], combo)))
+                    for combo in itertools.product(*[vals for _, vals in axes])]
+        grid_keys = [a for a, vals in axes if len(vals) > 1]
+        if len(self.errors) > n0:
+            return None
+        self._precheck(step, role, variants, step, idx)
+        return StepEntry(step, role, variants, grid_keys, sel_models, sel_hooks, within, across,
+                         _label(step, index=idx), pairs)
+
+    def _selection(self, step, body, idx, model_names):
+        """`models` / `hooks` keys of a step table: which stores it runs on (None: all)."""
         sel_models = body.get("models")
         if sel_models is not None:
             if isinstance(sel_models, str):
@@ -465,40 +508,39 @@ class _Validator:
             if not (isinstance(sel_hooks, list) and all(isinstance(h, str) for h in sel_hooks)):
                 self.err("must be a list of hook names or patterns", step, "hooks", idx)
                 sel_hooks = None
-        within: bool | list[str] = True
+        return sel_models, sel_hooks
+
+    def _pair_keys(self, step, body, idx, model_names, sel_models):
+        """`within` / `across` keys of a pair step. Returns (within, across pairs)."""
+        within = body.get("within", True)
         across: list[tuple[str, str]] = []
-        if role == "pair":
-            within = body.get("within", True)
-            if isinstance(within, list):
-                for m in within:
+        if isinstance(within, list):
+            for m in within:
+                if m not in model_names:
+                    self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
+                             step, "within", idx)
+        elif not isinstance(within, bool):
+            self.err("must be true, false or a list of model names", step, "within", idx)
+        a = body.get("across", [])
+        if a == "all":
+            pool = sel_models or sorted(model_names)
+            across = list(itertools.combinations(pool, 2))
+        elif isinstance(a, list) and all(isinstance(p, list) and len(p) == 2 for p in a):
+            for p in a:
+                for m in p:
                     if m not in model_names:
                         self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
-                                 step, "within", idx)
-            elif not isinstance(within, bool):
-                self.err("must be true, false or a list of model names", step, "within", idx)
-            a = body.get("across", [])
-            if a == "all":
-                pool = sel_models or sorted(model_names)
-                across = list(itertools.combinations(pool, 2))
-            elif isinstance(a, list) and all(isinstance(p, list) and len(p) == 2 for p in a):
-                for p in a:
-                    for m in p:
-                        if m not in model_names:
-                            self.err(f"no model named {m!r}; models: {', '.join(sorted(model_names))}",
-                                     step, "across", idx)
-                    if p[0] == p[1]:
-                        self.err(f"pair {p!r} compares a model with itself; use within", step, "across", idx)
-                across = [tuple(p) for p in a]
-            else:
-                self.err('must be "all" or a list of [model_a, model_b] pairs', step, "across", idx)
-        pairs: list[str] = []
-        if role == "sae_pair":
-            from .pairs import check_pairs
-            pairs, why = check_pairs(body.get("pairs"))
-            if why:
-                self.err(why, step, "pairs", idx)
-        special = set(SELECT_KEYS) | (PAIR_KEYS if role == "pair" else set()) \
-            | (SAE_PAIR_KEYS if role == "sae_pair" else set())
+                                 step, "across", idx)
+                if p[0] == p[1]:
+                    self.err(f"pair {p!r} compares a model with itself; use within", step, "across", idx)
+            across = [tuple(p) for p in a]
+        else:
+            self.err('must be "all" or a list of [model_a, model_b] pairs', step, "across", idx)
+        return within, across
+
+    def _grid(self, step, fields, hints, body, special, idx):
+        """Step options: a list is a grid axis (`seeds = [...]` is an axis of `seed`).
+        Returns (axes [(option, values)], fixed {option: value})."""
         axes: list[tuple[str, list[Any]]] = []
         fixed: dict[str, Any] = {}
         for k, v in body.items():
@@ -523,14 +565,7 @@ class _Validator:
                 axes.append((fk, v))
             else:
                 fixed[fk] = v
-        variants = [dict(fixed, **dict(zip([a for a, _ in axes], combo)))
-                    for combo in itertools.product(*[vals for _, vals in axes])]
-        grid_keys = [a for a, vals in axes if len(vals) > 1]
-        if len(self.errors) > n0:
-            return None
-        self._precheck(step, role, variants, step, idx)
-        return StepEntry(step, role, variants, grid_keys, sel_models, sel_hooks, within, across,
-                         _label(step, index=idx), pairs)
+        return axes, fixed
 
     def _precheck(self, step, role, variants, table, idx):
         """make_config on every variant, wired fields filled with placeholders (catches missing
