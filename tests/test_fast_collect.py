@@ -145,3 +145,19 @@ def test_read_ahead_store_is_byte_identical(tiny, tmp_path, monkeypatch):
     assert [p.read_bytes() for p in a.shard_files()] == [p.read_bytes() for p in b.shard_files()]
     assert a.manifest.get("documents") == b.manifest.get("documents")
     assert b.manifest["extra"]["attention"] == "sdpa"
+
+
+def test_heap_trimmed_per_bytes_written_not_per_shard(tiny, tmp_path, monkeypatch):
+    """Each malloc_trim makes the next forwards fault their buffers back in: trim once every
+    TRIM_EVERY bytes of shards, not after every shard."""
+    trims = []
+    monkeypatch.setattr(collector, "_MALLOC_TRIM", lambda pad: trims.append(pad) or 1)
+    monkeypatch.setattr(collector, "_TRIMMED", [0])
+    kw = dict(hooks=["blocks.1.hook_resid_post"], corpus="builtin", max_tokens=1500, seq_len=32,
+              batch_size=4, progress=False, shard_mb=0.05)
+    s = collect(tiny, out=tmp_path / "a", **kw)
+    n_shards = len(s.shard_files())
+    assert n_shards > 2 and trims == []                # 1500 rows x 64 floats << 256 MiB
+    monkeypatch.setattr(collector, "TRIM_EVERY", 1)
+    collect(tiny, out=tmp_path / "b", **kw)
+    assert len(trims) == n_shards

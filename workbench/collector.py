@@ -18,7 +18,7 @@
 - rows stream to shards of about ``shard_mb`` MiB (a whole number of batches each), written by a
   background thread while the next shard is computed, so memory stays bounded (about two shards
   plus one forward pass) whatever ``max_tokens`` is; freed heap memory is handed back to the OS
-  after each shard (glibc ``malloc_trim``) so the resident size does not creep up;
+  every ``TRIM_EVERY`` bytes of shards (glibc ``malloc_trim``) so the resident size does not creep up;
 - deterministic: the same command gives byte-identical shards. Resumable: each shard is renamed
   into place complete and recorded in ``progress.json``; rerunning the same command after an
   interruption (Ctrl-C, SIGKILL, crash) keeps the intact shards and continues with the next batch,
@@ -389,17 +389,30 @@ def _submit(pool: cf.ThreadPoolExecutor, pending: cf.Future | None, writer: Stor
     if pending is not None:
         pending.result()
     def job():
+        nbytes = sum(t.numel() * t.element_size() for v in buf.acts.values() for t in v)
         entry = writer.write_shard(*buf.tensors())
         buf.__init__(buf.hooks)          # drop the shard's tensors now
-        _trim_heap()
+        _trim_heap(nbytes)
         return entry
     return pool.submit(job)
 
 
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS after each shard (glibc keeps it otherwise, and the
-    resident size creeps up with fragmentation over a long collection). No-op elsewhere."""
+TRIM_EVERY = 256 << 20   # bytes of shards written between two heap trims
+_TRIMMED = [0]
+
+
+def _trim_heap(nbytes: int | None = None) -> None:
+    """Give freed heap memory back to the OS once every TRIM_EVERY bytes of shards (glibc keeps it
+    otherwise, and the resident size creeps up with fragmentation over a long collection); `None`:
+    now. Not after every shard: each trim makes the next forward passes fault their buffers back in
+    (smollm2, 8 MiB shards: ~0.5M page faults and +1 s of system time per 20k tokens, measured
+    with getrusage). No-op off Linux."""
     global _MALLOC_TRIM
+    if nbytes is not None:
+        _TRIMMED[0] += nbytes
+        if _TRIMMED[0] < TRIM_EVERY:
+            return
+    _TRIMMED[0] = 0
     if _MALLOC_TRIM is None:
         _MALLOC_TRIM = False
         if sys.platform.startswith("linux"):
