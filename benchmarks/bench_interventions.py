@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _args import parse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,13 +47,7 @@ def best_of(fn, n: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--new-tokens", type=int, default=40)
-    ap.add_argument("--text-tokens", type=int, default=128)
-    ap.add_argument("--d-sae", type=int, default=16384)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args()
+    a = parse(__doc__, new_tokens=40, text_tokens=128, d_sae=16384, repeats=2, device="cpu")
     dev = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {dev} ({platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
           f"{', ' + torch.cuda.get_device_name() if dev.type == 'cuda' else ''})")

@@ -12,7 +12,6 @@ prints the full-matrix finish (Pearson from the sums) and the Hungarian / mutual
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,18 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _args import parse  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=500_000)
-    ap.add_argument("--d-sae", type=int, default=16384)
-    ap.add_argument("--d-in", type=int, default=576)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--precision", default="float64", choices=["float64", "float32"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
+    a = parse(__doc__, rows=500_000, d_sae=16384, d_in=576, k=32, batch=4096,
+              precision=("float64", ["float64", "float32"]),
+              device="cuda" if torch.cuda.is_available() else "cpu")
     from analyses.matching import CorrelationAccumulator, match_one_to_one
     from analyses.sae import SAEConfig, TopKSAE
 

@@ -11,10 +11,11 @@ same data order, so the SAEs should in fact be identical up to float rounding).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+
+from _args import parse
 
 from analyses.sae import evaluate_sae
 from analyses.sae.multi import train_saes
@@ -23,17 +24,9 @@ from workbench.models import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--hooks", nargs=2, default=["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"])
-    ap.add_argument("--widths", nargs=2, type=int, default=[2304, 4608])
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--buffer-tokens", type=int, default=8192)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args()
+    a = parse(__doc__, model="smollm2-135m", hooks=["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"],
+              widths=[2304, 4608], k=32, tokens=16384, batch_size=1024, buffer_tokens=8192, eval_tokens=4096,
+              device="auto")
     model = load_model(a.model, device=a.device)
     specs = [dict(hook=h, d_sae=w, k=a.k, seed=0) for h in a.hooks for w in a.widths]
 

@@ -116,3 +116,9 @@ def drop_top_dims(X: torch.Tensor, m: int) -> torch.Tensor:
                              f"use a number below {X.shape[1]} (e.g. {ROGUE_TOP})")
     order = X.to(torch.float64).var(0).argsort(descending=True)
     return X[:, order[m:].sort().values]
+
+
+def rogue_text(rogue: dict, where: str = "") -> str:
+    """The one wording of a rogue-dimension finding (pca and compare warnings)."""
+    return (f"rogue dimensions: {where}dimension(s) {rogue['dims']} hold "
+            f"{100 * rogue[f'top{ROGUE_TOP}_share']:.0f}% of the variance")

@@ -37,7 +37,7 @@ from . import StepResult, arg, default_out, register
 from ..errors import WorkbenchError
 from ..hooks import select_hooks
 from ._norms import (DEFAULT_RATIO, REPORT_RATIO, ROGUE_EFFECT, ROGUE_SHARE, ROGUE_TOP, check_ratio,
-                     drop_top_dims, is_rogue, keep_rows, report, rogue_report, standardize)
+                     drop_top_dims, is_rogue, keep_rows, report, rogue_report, rogue_text, standardize)
 
 log = logging.getLogger(__name__)
 METRIC_CHOICES = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
@@ -455,8 +455,7 @@ def compare_step(cfg: CompareConfig) -> StepResult:
         if chk["max_change"] > ROGUE_EFFECT:
             worst = max(res["rogue_dims"].items(), key=lambda kv: kv[1][f"top{ROGUE_TOP}_share"])
             warnings.append(
-                f"rogue dimensions: in {worst[0]}, dimension(s) {worst[1]['dims']} hold "
-                f"{100 * worst[1][f'top{ROGUE_TOP}_share']:.0f}% of the variance; without each hook's top "
+                rogue_text(worst[1], f"in {worst[0]}, ") + f"; without each hook's top "
                 f"{ROGUE_TOP} dimensions the scores change by up to {chk['max_change']:.2f}, so those few "
                 f"dimensions decide them. --standardize (z-score each dimension) or --drop-top-dims "
                 f"{ROGUE_TOP} compares the rest")

@@ -151,7 +151,7 @@ def _fit_streaming(store, hook: str, cfg: PCAConfig, keep: torch.Tensor, norms: 
 def _pca_report(cfg: PCAConfig, out: Path, hook: str, d: int, n_samples: int, evr_k: float, dropped: int,
                 geo: dict[str, Any], outliers: dict[str, Any], rogue: dict[str, Any]) -> StepResult:
     """Summary, metrics and warnings (attention sinks, rogue dimensions) of a written PCA result."""
-    from ._norms import REPORT_RATIO, ROGUE_TOP, is_rogue
+    from ._norms import REPORT_RATIO, ROGUE_TOP, is_rogue, rogue_text
 
     metrics = {"explained_variance_ratio_k": evr_k, "n_samples": float(n_samples),
                "rows_dropped": float(dropped), "massive_sq_norm_share": outliers["sq_norm_share"]}
@@ -168,9 +168,8 @@ def _pca_report(cfg: PCAConfig, out: Path, hook: str, d: int, n_samples: int, ev
                         f"{REPORT_RATIO:g}x the median carry {100 * outliers['sq_norm_share']:.0f}% of the "
                         f"squared norm (attention sinks); --max-norm-ratio {REPORT_RATIO:g} drops them")
     if is_rogue(rogue):
-        warnings.append(f"rogue dimensions: dimension(s) {rogue['dims']} hold "
-                        f"{100 * rogue[f'top{ROGUE_TOP}_share']:.0f}% of the variance, so the first components are "
-                        f"mostly those coordinates (Timkey & van Schijndel 2021)")
+        warnings.append(rogue_text(rogue) + ", so the first components are mostly those coordinates "
+                        "(Timkey & van Schijndel 2021)")
     if warnings:
         summary["warning"] = "; ".join(warnings)
     return StepResult(
