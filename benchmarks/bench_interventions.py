@@ -1,10 +1,18 @@
 """Benchmark: interventions on smollm2-135m at blocks.6.hook_resid_post with a 16k-latent TopK SAE
 (random weights, k=32), against the unmodified model in the same process.
 
-    .venv/bin/python benchmarks/bench_interventions.py [--new-tokens 40] [--text-tokens 128] [--d-sae 16384]
+    .venv/bin/python benchmarks/bench_interventions.py [--new-tokens 40] [--ui-tokens 32] [--text-tokens 128] \
+        [--d-sae 16384]
 
-1. Steering: greedy generation of --new-tokens tokens with one latent clamped (SAE spliced with its
-   error term at every position) vs the same generation without the intervention. Target < 1.5x.
+0. Decode paths and the UI: --ui-tokens greedy tokens, unsteered, on the fast path (the HF model run
+   directly with one torch hook, workbench/_fast_decode.py), through the TransformerBridge, and with
+   bare Hugging Face ``model.generate`` on a separately loaded model (the floor); then unsteered +
+   steered together (``generate_pair``: one batch of 2 on the fast path). Then what the
+   Streamlit steering panel calls (``workbench.steer``, via workbench/ui/steering.py): both
+   generations + the two scoring forwards, fast path vs bridge path. Target < 3 s.
+1. Steering (on the path ``workbench.steer`` takes): greedy generation of --new-tokens tokens with one
+   latent clamped (SAE spliced with its error term at every position) vs the same generation without
+   the intervention. Target < 1.5x.
 2. Attribution: workbench.attribute over a --text-tokens text, linear estimate for every active
    latent (n_exact=0), vs ONE forward + backward of the same loss to the hook activation (the
    gradient attribution needs, without the SAE). Target <= 3x. The exact zero-ablations of the
@@ -47,7 +55,7 @@ def best_of(fn, n: int) -> float:
 
 
 def main() -> None:
-    a = parse(__doc__, new_tokens=40, text_tokens=128, d_sae=16384, repeats=2, device="cpu")
+    a = parse(__doc__, new_tokens=40, ui_tokens=32, text_tokens=128, d_sae=16384, repeats=2, device="cpu")
     dev = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {dev} ({platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
           f"{', ' + torch.cuda.get_device_name() if dev.type == 'cuda' else ''})")
@@ -56,14 +64,16 @@ def main() -> None:
     sae = make_sae("topk", d_in=m.d_model, d_sae=a.d_sae, k=32, device=str(dev),
                    metadata={"model_name": "smollm2-135m", "hook_name": HOOK}).eval()
     print(f"KV cache through the bridge works: {iv.kv_cache_works(m)} (else one full forward per token)")
+    ids, skip = iv.tokenize(m, PROMPT)
+    decode_paths(m, sae, ids, a)
 
     # ---- 1. steering
-    ids, skip = iv.tokenize(m, PROMPT)
     steer = iv.Intervention(iv.latent_edits([123], [40.0], "clamp", a.d_sae), sae, skip=skip)
     iv.generate(m, ids, HOOK, None, 4)          # warm-up
     t_plain = best_of(lambda: iv.generate(m, ids, HOOK, None, a.new_tokens), a.repeats)
     t_steer = best_of(lambda: iv.generate(m, ids, HOOK, steer, a.new_tokens), a.repeats)
-    print(f"steering: {a.new_tokens} new tokens after a {ids.shape[1]}-token prompt: unsteered {t_plain:.3f} s, "
+    print(f"steering ({iv.decode_path(m, HOOK)} path): {a.new_tokens} new tokens after a {ids.shape[1]}-token "
+          f"prompt: unsteered {t_plain:.3f} s, "
           f"steered (clamp, SAE + error term) {t_steer:.3f} s, ratio {t_steer / t_plain:.2f}x (target < 1.5x)")
 
     # ---- 2. attribution
@@ -93,6 +103,43 @@ def main() -> None:
           f"one forward+backward {t_fb:.3f} s, attribute (linear, all) {t_att:.3f} s, ratio {t_att / t_fb:.2f}x "
           f"(target <= 3x); with 16 exact ablations {t_ex:.3f} s ({t_ex / t_fb:.2f}x); agreement "
           f"{ {k: round(v, 4) if isinstance(v, float) else v for k, v in df.attrs['agreement'].items()} }")
+
+
+def decode_paths(m, sae, ids, a) -> None:
+    """Section 0 (see the module doc)."""
+    from transformers import AutoModelForCausalLM
+    n = a.ui_tokens
+    bare = AutoModelForCausalLM.from_pretrained(str(m.source), dtype=m.dtype).to(m.device).eval()
+    eos = m.special_ids.get("eos")
+
+    def hf_generate():
+        with torch.inference_mode():
+            return bare.generate(ids.to(m.device), attention_mask=torch.ones_like(ids).to(m.device), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=eos)
+
+    hf_generate()
+    steer = iv.Intervention(iv.latent_edits([123], [40.0], "clamp", a.d_sae), sae, skip=1)
+    for path in ("fast", "bridge"):
+        iv.generate(m, ids, HOOK, None, 4, path=path)      # warm-up (builds and checks the fast decoder)
+    t_hf = best_of(hf_generate, a.repeats)
+    got = {p: [] for p in ("fast", "bridge")}
+    t = {p: best_of(lambda p=p: got[p].append(iv.generate(m, ids, HOOK, None, n, path=p)), a.repeats)
+         for p in got}
+    same = got["fast"][-1] == got["bridge"][-1] == hf_generate()[0, ids.shape[1]:].tolist()
+    print(f"decode, {n} new tokens unsteered: bare HF generate {t_hf:.3f} s, fast path {t['fast']:.3f} s "
+          f"({t['fast'] / t_hf:.2f}x bare HF), bridge path {t['bridge']:.3f} s ({t['bridge'] / t_hf:.2f}x); "
+          f"fast / bridge {t['fast'] / t['bridge']:.2f}; same tokens on all three: {same}")
+    pair = {p: best_of(lambda p=p: iv.generate_pair(m, ids, HOOK, steer, n, path=p), a.repeats)
+            for p in ("fast", "bridge")}
+    print(f"decode, unsteered + steered (clamp, SAE + error term), {n} tokens each: fast path (one batch of 2) "
+          f"{pair['fast']:.3f} s, bridge path (one after the other) {pair['bridge']:.3f} s, ratio "
+          f"{pair['fast'] / pair['bridge']:.2f}; 2 x bare HF generate {2 * t_hf:.3f} s")
+    kw = dict(sae=sae, model=m, hook=HOOK, latents=[123], values=[40.0], mode="clamp", max_new_tokens=n,
+              device=str(m.device))
+    ui = {p: best_of(lambda p=p: iv.steer(PROMPT, path=p, **kw), a.repeats) for p in ("auto", "bridge")}
+    print(f"UI steering panel (workbench.steer: 2 generations of {n} tokens + 2 scoring forwards, d_sae="
+          f"{a.d_sae}): {iv.decode_path(m, HOOK)} path {ui['auto']:.3f} s (target < 3 s), bridge path "
+          f"{ui['bridge']:.3f} s, ratio {ui['auto'] / ui['bridge']:.2f}")
 
 
 if __name__ == "__main__":

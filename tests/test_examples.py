@@ -38,6 +38,8 @@ def _reduced(path: Path) -> dict:
         sae["hooks"] = ["blocks.6.hook_resid_post"]
         if isinstance(sae.get("k"), list):
             sae["k"] = sae["k"][:1]
+        if isinstance(widths, list) and len(widths) > 1 and "match_saes" not in raw:   # one pass: keep a grid
+            sae["d_sae"], sae["hooks"] = [256, 512], ["blocks.{6,9}.hook_resid_post"]
         if "match_saes" in raw:      # pairs need what they pair: two widths (small), two layers, seeds
             sae["d_sae"] = [256, 512] if isinstance(widths, list) else 256
             sae["hooks"] = ["blocks.{6,9}.hook_resid_post"]
@@ -59,6 +61,10 @@ def test_example_runs_and_means_something(path, tmp_path):
     df = sweep.run(_reduced(path), workspace=tmp_path / "ws")
     assert set(df["status"]) == {"done"}, df[["step", "status", "error"]].to_string() \
         if "error" in df else df.to_string()
+    if path.stem == "one-pass":      # the SAEs of the grid were trained together, each its own run
+        from workbench.workspace import Workspace
+        runs = Workspace(tmp_path / "ws").runs(step="train_sae")
+        assert len(runs) == 4 and all(r.metrics.get("one_pass_saes") == 4 for r in runs), runs
     results = tmp_path / "ws" / "results"
     for r in results.iterdir():
         if not (r / "result.json").exists():

@@ -131,7 +131,8 @@ def test_generation_seeded_and_steered(tiny, sae, sae_dir, ids):
     saved = iv._KV_OK.get(tiny)
     iv._KV_OK[tiny] = False
     try:
-        assert [iv.generate(tiny, ids, HOOK, x, 5, temperature=0.7, seed=1) for x in (None, steer_add)] == cached
+        assert [iv.generate(tiny, ids, HOOK, x, 5, temperature=0.7, seed=1, path="bridge")
+                for x in (None, steer_add)] == cached
     finally:
         iv._KV_OK[tiny] = saved
     df = iv.steer(TEXT, sae=sae_dir, model=tiny, latents=[5, 9], values=[200], mode="add", max_new_tokens=6)
@@ -430,3 +431,4 @@ def test_ui_page(tmp_path, sae_dir):
     at.button(key="iv_go").click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
     assert len(at.code) == 2 and at.code[0].value.startswith("The weather today is")
+    assert any("decoded on the fast path" in c.value for c in at.caption)     # workbench/_fast_decode.py

@@ -188,12 +188,14 @@ def test_input_scale_is_folded_into_weights(data):
 def test_registry_has_every_architecture():
     from analyses.sae import KNOWN_ARCHS, uses_k
     from workbench.steps.sae import ARCH_CHOICES, TOPK_FAMILY
-    assert list(ARCHS) == ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+    assert list(ARCHS) == ["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "mutual_choice",
+                           "feature_choice", "topafa", "mp", "gba"]
     assert issubclass(ARCHS["batchtopk"], BatchTopKSAE)
     # every other list is the registry
     assert list(KNOWN_ARCHS) == list(ARCHS) == list(ARCH_CHOICES)
-    assert [a for a in ARCHS if uses_k(a)] == ["topk", "batchtopk", "matryoshka"]
-    assert [a for a in ARCHS if a in TOPK_FAMILY] == ["topk", "batchtopk", "matryoshka"]
+    with_k = ["topk", "batchtopk", "matryoshka", "mutual_choice", "feature_choice", "mp", "gba"]
+    assert [a for a in ARCHS if uses_k(a)] == with_k
+    assert [a for a in ARCHS if a in TOPK_FAMILY] == with_k
 
 
 @pytest.fixture
@@ -234,5 +236,5 @@ def test_an_architecture_registered_elsewhere_is_everywhere(tiny_arch, tmp_path)
     sae.save(tmp_path / "t")
     assert type(load_sae(tmp_path / "t")) is tiny_arch
     # unknown names list the registry
-    with pytest.raises(ValueError, match="known: relu, topk, batchtopk, jumprelu, matryoshka, tinytopk"):
+    with pytest.raises(ValueError, match="known: " + ", ".join(ARCHS)):
         make_sae("nope", 8, 16)

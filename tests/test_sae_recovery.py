@@ -10,18 +10,38 @@ import pytest
 import torch
 
 from analyses.sae import default_lr, save_saelens, train_sae
-from analyses.sae.train import default_batch_size
+from analyses.sae.train import default_batch_size, default_dead_tokens
 from test_sae_helpers import mmcs, one_thread, synthetic  # noqa: F401  (one_thread: autouse)
 
 
-# 16 of 128 active in 64 dims: at batch 4096 (122 steps) the same lr stops at MMCS ~0.57
-@pytest.mark.parametrize("d, n_true, active", [(64, 128, 16), (64, 256, 8)])
-def test_default_hyperparameters_recover_features(d, n_true, active):
+# 16 of 128 active in 64 dims: at batch 4096 (122 steps) the same lr stops at MMCS ~0.57. 16 of 256 in 64
+# dims (the densest corner) and BatchTopK at 16 of 128 need Adam beta1 = 0 (train.ADAM_BETAS): with (0.9,
+# 0.999) they stop near 0.90
+@pytest.mark.parametrize("arch, d, n_true, active", [("topk", 64, 128, 16), ("topk", 64, 256, 8),
+                                                     ("topk", 64, 256, 16), ("batchtopk", 64, 128, 16)])
+def test_default_hyperparameters_recover_features(arch, d, n_true, active):
     X, F = synthetic(n=100_000, d=d, n_features=n_true, active=active, seed=11, offset=0.0)
-    sae = train_sae(X, arch="topk", d_sae=n_true, k=active, n_tokens=5 * X.shape[0], progress=False)
+    sae = train_sae(X, arch=arch, d_sae=n_true, k=active, n_tokens=5 * X.shape[0], progress=False)
     wb = sae.cfg.metadata["workbench"]
     assert mmcs(sae, F) >= 0.95, (mmcs(sae, F), wb["lr"], wb["batch_size"])
     assert wb["batch_size"] == 500 and wb["steps"] == 1000
+
+
+def test_default_dead_tokens_is_two_percent_of_the_run():
+    # 2% of the run's tokens, >= 50 x d_sae / k (50 firings at the mean rate), >= 4 batches, <= 10M (Gao et
+    # al.'s fixed window)
+    assert default_dead_tokens(1000, 500) == 10_000
+    assert default_dead_tokens(1000, 500, d_sae=1024, k=16) == 10_000
+    assert default_dead_tokens(431, 256, d_sae=16384, k=32) == 25_600     # wide SAE, short run: the floor
+    assert default_dead_tokens(10, 256) == 4 * 256
+    assert default_dead_tokens(10 ** 6, 4096) == 10_000_000
+    X = torch.randn(4000, 8)
+    sae = train_sae(X, arch="topk", d_sae=16, k=8, batch_size=5, lr=1e-3, progress=False)   # 800 steps
+    assert sae.cfg.dead_tokens == 100 and sae.cfg.metadata["workbench"]["aux_dead_tokens"] == 100
+    sae = train_sae(X, arch="topk", d_sae=16, k=2, batch_size=5, lr=1e-3, progress=False)
+    assert sae.cfg.dead_tokens == 400
+    sae = train_sae(X, arch="topk", d_sae=16, k=2, batch_size=5, lr=1e-3, progress=False, dead_tokens=999)
+    assert sae.cfg.dead_tokens == 999
 
 
 def test_default_batch_size_gives_enough_steps(monkeypatch):

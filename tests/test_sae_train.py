@@ -232,3 +232,42 @@ def test_density_is_counted_on_the_last_training_tokens():
     want = torch.log10(fired / 512 + 1e-10).float()
     assert torch.allclose(sae.sparsity, want, atol=1e-6)
     assert wb["dead_fraction"] == pytest.approx(float((fired == 0).double().mean()))
+
+
+def _cli_worker(rank, world, port, store, out, ws):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from workbench.cli import main
+    rc = main(["train-sae", store, "--arch", "topk", "--d-sae", "32", "--k", "3", "--n-tokens", "4096",
+               "--batch-size", "256", "--holdout", "0", "--eval-tokens", "512", "--out", out,
+               "--workspace", ws])
+    if rc:
+        raise SystemExit(rc)
+
+
+@pytest.mark.slow
+def test_train_sae_cli_under_torchrun_writes_once(tmp_path):
+    """`torchrun -m workbench train-sae STORE`: every rank trains, rank 0 alone writes the SAE and the run row."""
+    import time
+    import torch.multiprocessing as mp
+    from workbench.store import write_store
+    from workbench.workspace import Workspace
+    ws = Workspace(tmp_path / "ws")
+    X = _data(n=4096)
+    s = write_store(ws.root / "stores" / "s", {"blocks.0.hook_resid_post": X},
+                    token_ids=torch.zeros(32, 128, dtype=torch.long), attention_mask=torch.ones(32, 128, dtype=torch.bool),
+                    doc_ids=torch.arange(32), seq_index=torch.arange(32).repeat_interleave(128),
+                    position=torch.arange(128).repeat(32), model_name="tiny-random")
+    out = ws.root / "saes" / "t"
+    ctx = mp.start_processes(_cli_worker, args=(2, _free_ports(1)[0], str(s.path), str(out), str(ws.root)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-process train-sae did not finish within 240 s")
+    assert (out / "cfg.json").exists() and not (out / ".checkpoints").exists()
+    runs = ws.runs(step="train_sae")
+    assert len(runs) == 1 and runs[0].status == "done", runs

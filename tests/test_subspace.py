@@ -192,3 +192,60 @@ def test_checkpoint_of_another_init_is_not_resumed(tmp_path):
     train_sae(X, **kw)
     with pytest.raises(SAETrainingError, match="init"):
         train_sae(X, init="active-subspace", **kw)
+
+
+# ------------------------------------------------------------------------- sweeps
+
+SUBSPACE_SWEEP = """
+[sweep]
+name = "geo"
+
+[[models]]
+spec = "tiny-random"
+name = "tiny"
+hooks = ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"]
+
+[corpus]
+spec = "builtin"
+max_tokens = 512
+seq_len = 32
+
+[collect]
+batch_size = 8
+progress = false
+
+[subspace]
+hooks = ["blocks.*.hook_attn_out"]
+max_norm_ratio = [0.0, 10.0]
+twonn_rows = 200
+"""
+
+
+def test_subspace_from_a_sweep_file(tmp_path):
+    """`[subspace]` in a TOML sweep: one node per model and grid point, fed by the model's store, limited
+    to the selected hooks; numbers checked against numpy on the collected store; a rerun is cached."""
+    import workbench.sweep as sweep
+    from workbench.steps.subspace import read_subspace_result
+    from workbench.store import ActivationStore
+    f = tmp_path / "geo.toml"
+    f.write_text(SUBSPACE_SWEEP)
+    df = sweep.run(f, workspace=tmp_path / "ws", progress=False)
+    rows = df[df["step"] == "subspace"]
+    assert len(rows) == 2 and set(rows["outcome"]) == {"done"}, df[["step", "outcome"]]
+    results = sorted(p for p in (tmp_path / "ws" / "results").iterdir() if p.name.startswith("subspace"))
+    assert len(results) == 2
+    ratios = set()
+    for p in results:
+        r = read_subspace_result(p)
+        ratios.add(r.max_norm_ratio)
+        assert r.hook_names == ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"] and r.twonn_rows == 200
+        store = ActivationStore.open(r.store)
+        assert set(store.hooks) >= {"blocks.0.hook_resid_post", "blocks.1.hook_attn_out"}
+        for h in r.hook_names:
+            X = torch.cat(list(store.batches(h, 4096, shuffle=False)))
+            assert r.record(h)["all"]["n_rows"] == X.shape[0] == store.n_rows
+            for frac in (0.9, 0.99):
+                assert r.record(h)["all"][f"n_dirs_{round(frac * 100)}"] == _n_dirs(X, frac)
+    assert ratios == {0.0, 10.0}
+    again = sweep.run(f, workspace=tmp_path / "ws", progress=False)
+    assert set(again[again["step"] == "subspace"]["outcome"]) == {"cached"}

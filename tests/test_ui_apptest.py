@@ -20,7 +20,8 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 PAGES = {"workspace": None, "activations": "workbench/ui/pages/activations.py",
          "features": "workbench/ui/pages/features.py", "compare": "workbench/ui/pages/compare.py",
-         "run": "workbench/ui/pages/run.py", "export": "workbench/ui/pages/export.py"}
+         "run": "workbench/ui/pages/run.py", "export": "workbench/ui/pages/export.py",
+         "geometry": "workbench/ui/pages/geometry.py"}
 
 
 # ------------------------------------------------------------------ helpers

@@ -8,6 +8,10 @@ Corpus specs (``iter_documents(spec)``):
   is walked in sorted order, skipping tests, idlelib, turtledemo, ensurepip, lib2to3,
   site-packages and pydoc_data), followed by the ``pydoc_data.topics`` help topics (one document
   each, sorted by name). Deterministic for a given Python version (~2M characters, ~0.5M tokens).
+- ``calendar`` — SYNTHETIC probe text, generated (deterministic, no network): 600 documents of 8
+  template sentences about weekdays, months and years ("Two days from Monday is Wednesday.", "She was
+  born in March 1987."), ~60k tokens; for looking for the weekday / month circles of Engels et al. 2024
+  (``workbench multid``). Not natural text: mix it with ``builtin`` stores for anything else.
 - ``PATH.txt`` — one document (the whole file); ``PATH.txt:lines`` — one document per non-empty
   line; ``PATH.txt:paragraphs`` — one per blank-line-separated paragraph.
 - ``FOLDER[:field]`` — every ``*.txt`` / ``*.md`` / ``*.jsonl`` file below it, sorted by path: a
@@ -56,7 +60,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .errors import NotFound, WorkbenchError
 
-SPEC_HELP = ("a corpus is 'builtin', a .txt file (optionally :lines or :paragraphs), a folder of "
+SPEC_HELP = ("a corpus is 'builtin', 'calendar' (synthetic weekday/month/year sentences), a .txt file "
+             "(optionally :lines or :paragraphs), a folder of "
              ".txt/.md files, FILE.jsonl[:field], or hf:NAME[:split[:field]]")
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "ensurepip", "lib2to3", "site-packages",
@@ -109,6 +114,8 @@ def _source(spec: str) -> Iterator[tuple[str, str]]:
     spec = spec.strip()
     if spec == "builtin":
         return _builtin_cached()
+    if spec == "calendar":
+        return _calendar()
     if spec.startswith("hf:"):
         return _hf(spec)
     path, mode = spec, None
@@ -138,6 +145,8 @@ def corpus_fingerprint(spec: str) -> dict[str, Any]:
     fp: dict[str, Any] = {"spec": spec}
     if spec == "builtin":
         fp["python"] = sys.version.split()[0]
+    elif spec == "calendar":
+        fp["generator"] = CALENDAR_VERSION
     elif not spec.startswith("hf:"):
         path = spec if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)[0]
         p = Path(path).expanduser()
@@ -311,6 +320,34 @@ def _builtin_cached() -> Iterator[tuple[str, str]]:
             _BUILTIN_CACHE.append(item)
         yield item
         i += 1
+
+
+CALENDAR_VERSION = 1
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_CALENDAR_TEMPLATES = [
+    "The meeting was moved to {day}.", "Two days from {day} is {day2}.", "{day} comes right after {dayp}.",
+    "We always go to the market on {day} mornings.", "The shop is closed every {day}.",
+    "She was born in {month} {year}.", "{month} is followed by {month1}.", "Three months after {month} comes {month3}.",
+    "The report was published on {day}, {month} {date}, {year}.", "In {year} the festival took place in {month}.",
+    "The last {day} of {month} was cold.", "He moved to the city in {year} and left in {year2}.",
+]
+
+
+def _calendar() -> Iterator[tuple[str, str]]:
+    """The synthetic calendar probe corpus (see the module docstring): seeded, so always the same."""
+    import random
+    rng = random.Random(CALENDAR_VERSION)
+    for i in range(600):
+        sents = []
+        for _ in range(8):
+            d, m, y = rng.randrange(7), rng.randrange(12), rng.randrange(1900, 2030)
+            sents.append(rng.choice(_CALENDAR_TEMPLATES).format(
+                day=_DAYS[d], day2=_DAYS[(d + 2) % 7], dayp=_DAYS[(d - 1) % 7], month=_MONTHS[m],
+                month1=_MONTHS[(m + 1) % 12], month3=_MONTHS[(m + 3) % 12], year=y, year2=y + rng.randrange(1, 30),
+                date=rng.randrange(1, 29)))
+        yield f"calendar/{i}", " ".join(sents)
 
 
 def _builtin() -> Iterator[tuple[str, str]]:

@@ -19,6 +19,9 @@ to the latent's own activation) gives x back to fp32 rounding. Pure-`add` latent
 Raw directions u (a PCA component, unit norm): add x' = x + c u; clamp sets the coordinate
 (x - mean) . u to c: x' = x + (c - (x - mean) . u) u. Edits act at every position except a prepended
 BOS (the SAE never saw BOS rows: the collector drops them), in the prompt and in generated tokens.
+Generation (and steer's two scoring forwards) run the Hugging Face model directly with one torch hook
+where the steered hook is a module's output (workbench/_fast_decode.py: ~bare HF speed), else through
+the TransformerBridge; both give the same logits, and ``df.attrs["path"]`` says which ran.
 
 Attribution (attribution patching: Nanda 2023; Syed et al. 2023 "Attribution Patching Outperforms
 Automated Circuit Discovery"; Marks et al. 2024 "Sparse Feature Circuits", with the error term held
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -45,6 +47,8 @@ from .errors import WorkbenchError
 from ._interventions_io import (check_prompt_length, encode_rows, resolve_model, resolve_sae,  # noqa: F401
                               pca_edits, tokenize, token_id)
 from ._interventions_ablate import ablate_examples  # noqa: F401  (what a latent does, by ablation)
+from ._fast_decode import (PATHS, _KV_OK, _cache_shim, cache_kw as _cache_kw, cached_step as _step,  # noqa: F401
+                           fast_decoder, kv_cache_works)
 
 MODES = ("clamp", "add")
 METRICS = ("loss", "logit")
@@ -166,68 +170,39 @@ def _hooked(model, hook: str, fn):
     return model._hooked([(model._points[pid], splice)])
 
 
-def _cache_kw(hf) -> str:
-    """The KV-cache keyword of this transformers version (``cache`` from 5.x, ``past_key_values`` before)."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+def decode_path(model, hook: str, path: str = "auto") -> str:
+    """Which path :func:`generate` takes for `hook`: "fast" (the HF model run directly, one torch hook;
+    see workbench/_fast_decode.py), "bridge" (KV-cached through the TransformerBridge) or "bridge-full"
+    (the bridge, one full forward per token: its KV cache does not work with this model)."""
+    if fast_decoder(model, hook, path) is not None:
+        return "fast"
+    return "bridge" if kv_cache_works(model) else "bridge-full"
 
 
-_KV_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _step(hf, ids, past, kw):
-    res = hf(input_ids=ids, use_cache=True, **{kw: past})
-    cache = getattr(res, kw, None)
-    return res.logits, (cache if cache is not None else getattr(res, "past_key_values", None))
-
-
-@contextlib.contextmanager
-def _cache_shim(hf):
-    """TransformerLens 3.9's bridged attention reads its KV cache from ``past_key_values`` while
-    transformers 5.x decoder layers pass it as ``cache``: hand it over under both names while we
-    generate (forward pre-hooks on the bridge's attention modules, removed afterwards)."""
-    def pre(mod, args, kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-            return args, {**kwargs, "past_key_values": kwargs["cache"]}
-        return None
-    handles = [mod.register_forward_pre_hook(pre, with_kwargs=True)
-               for mod in hf.modules() if hasattr(mod, "_update_kv_cache")]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def kv_cache_works(model) -> bool:
-    """Whether cached decoding through the bridge (with :func:`_cache_shim`) gives the full forward's
-    logits; without the shim, TransformerLens 3.9 + transformers 5.x silently ignore the cache
-    (tiny-random: last-token logits off by ~5). When it does not, generation falls back to one full
-    forward per token. Probed once per model on 6 tokens."""
-    ok = _KV_OK.get(model)
-    if ok is None:
-        hf, kw = model.hf_model, _cache_kw(model.hf_model)
-        ids = (torch.arange(6) * 7 % max(model.vocab_size - 1, 1) + 1)[None].to(model.device)
-        with torch.inference_mode(), _cache_shim(hf):
-            full = hf(input_ids=ids).logits[0, -1].float()
-            _, past = _step(hf, ids[:, :-1], None, kw)
-            last = _step(hf, ids[:, -1:], past, kw)[0][0, -1].float() if past is not None else None
-        ok = last is not None and bool(torch.allclose(last, full, rtol=1e-3, atol=1e-3 * float(full.abs().max())))
-        _KV_OK[model] = ok
-    return ok
-
-
-@torch.inference_mode()
-def generate(model, ids: torch.Tensor, hook: str, intervention: Intervention | None = None,
-             max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> list[int]:
-    """Greedy (temperature 0) or sampled generation, the intervention applied at every position (the
-    prompt's and each new one); returns the new token ids. Sampling draws from torch.Generator(seed).
-    Uses the KV cache when :func:`kv_cache_works`, else one full forward per new token."""
+def _sampler(model, temperature: float, seed: int):
+    """logits [V] -> next token: argmax (temperature 0) or a draw from torch.Generator(seed)."""
     if model.kind != "causal":
         raise WorkbenchError(f"{model.name} is an encoder; steering generation needs a causal LM")
     if temperature < 0 or not math.isfinite(temperature):
         raise WorkbenchError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def pick(logits: torch.Tensor) -> int:
+        if temperature == 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=gen))
+    return pick
+
+
+@torch.inference_mode()
+def generate(model, ids: torch.Tensor, hook: str, intervention: Intervention | None = None,
+             max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, *, path: str = "auto",
+             record: list | None = None) -> list[int]:
+    """Greedy (temperature 0) or sampled generation, the intervention applied at every position (the
+    prompt's and each new one); returns the new token ids. Sampling draws from torch.Generator(seed).
+    `path` ("auto" | "fast" | "bridge"): see :func:`decode_path`; both give the same logits (fp32
+    rounding). `record`: a list that gets each step's next-token logits [vocab] (float32)."""
+    pick = _sampler(model, temperature, seed)
     eos = model.special_ids.get("eos")
     state = {"offset": 0}
     iv = intervention
@@ -235,30 +210,52 @@ def generate(model, ids: torch.Tensor, hook: str, intervention: Intervention | N
     def fn(act):
         return iv.apply(act, state["offset"]) if iv else act
 
-    use_cache = kv_cache_works(model)
-    hf, kw = model.hf_model, _cache_kw(model.hf_model)
+    fast = fast_decoder(model, hook, path)
+    if fast is not None:
+        use_cache, step, ctx = True, fast.step, fast.hooked(hook, fn if iv else None)
+    else:
+        use_cache = kv_cache_works(model)
+        hf, kw = model.hf_model, _cache_kw(model.hf_model)
+        step = lambda cur, past: _step(hf, cur, past, kw)  # noqa: E731
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(_hooked(model, hook, fn))
+        ctx.enter_context(_cache_shim(hf))
     out: list[int] = []
     seq = ids.to(model.device)
     cur, past = seq, None
-    with _hooked(model, hook, fn), _cache_shim(hf):
+    with ctx:
         for _ in range(int(max_new_tokens)):
             if use_cache:
-                logits, past = _step(hf, cur, past, kw)
+                logits, past = step(cur, past)
                 state["offset"] += cur.shape[1]
             else:
                 logits = hf(input_ids=seq).logits
             logits = logits[0, -1].float()
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                p = torch.softmax(logits / temperature, -1).cpu()
-                nxt = int(torch.multinomial(p, 1, generator=gen))
+            if record is not None:
+                record.append(logits.clone())
+            nxt = pick(logits)
             out.append(nxt)
             if eos is not None and nxt == eos:
                 break
             cur = torch.tensor([[nxt]], device=model.device)
             seq = torch.cat([seq, cur], 1)
     return out
+
+
+def generate_pair(model, ids: torch.Tensor, hook: str, intervention: Intervention | None,
+                  max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, *, path: str = "auto",
+                  records: tuple[list, list] | None = None) -> tuple[list[int], list[int]]:
+    """(generate(..., None), generate(..., intervention)) with the same seed. On the fast path both run
+    as one batch of 2 (see workbench/_fast_decode.py: ~the cost of one on a CPU); `records`: two lists
+    that get each step's logits, as `record` in :func:`generate`."""
+    fast = fast_decoder(model, hook, path)
+    if fast is None:
+        r0, r1 = records if records is not None else (None, None)
+        return (generate(model, ids, hook, None, max_new_tokens, temperature, seed, path=path, record=r0),
+                generate(model, ids, hook, intervention, max_new_tokens, temperature, seed, path=path, record=r1))
+    picks = (_sampler(model, temperature, seed), _sampler(model, temperature, seed))
+    apply = intervention.apply if intervention else None
+    return fast.generate_pair(ids, hook, apply, max_new_tokens, picks, model.special_ids.get("eos"), records)
 
 
 def _top_changes(dp: torch.Tensor, tok, n: int) -> tuple[str, str]:
@@ -272,13 +269,14 @@ def steer(prompt: str, *, sae: Any = None, latents: Iterable[int] = (), values: 
           mode: str = "clamp", model: Any = None, hook: str | None = None, pca: str | None = None,
           components: Iterable[int] = (), coefs: Iterable[float] = (), pca_mode: str = "add",
           max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, n_top: int = 3,
-          prepend_bos: bool = True, device: str = "cpu"):
+          prepend_bos: bool = True, device: str = "cpu", path: str = "auto"):
     """Generate with and without the intervention (same seed) and measure next-token probability shifts
     along the unsteered sequence (prompt + unsteered continuation). Returns a pandas DataFrame, one row
     per position: position, phase (prompt|generated), token, next_token, p_clean, p_steered, delta_p,
     logprob_shift, kl (KL(clean || steered) of the next-token distribution, nats), top_up, top_down
     (tokens whose probability rose / fell most), steered_token (the steered run's token there);
-    ``df.attrs``: prompt, unsteered, steered (texts), edits, hook, model, mean_kl."""
+    ``df.attrs``: prompt, unsteered, steered (texts), edits, hook, model, mean_kl, path (which decode
+    path ran: :func:`decode_path`; `path` forces one, as in :func:`generate`)."""
     import pandas as pd
     sae_obj, sae_hook = resolve_sae(sae, device) if sae is not None else (None, None)
     m = resolve_model(model, sae_obj, device)
@@ -293,11 +291,14 @@ def steer(prompt: str, *, sae: Any = None, latents: Iterable[int] = (), values: 
     ids, skip = tokenize(m, prompt, prepend_bos)
     check_prompt_length(m, ids.shape[1], max_new_tokens)
     iv = Intervention(edits, sae_obj, skip)
-    clean = generate(m, ids, hook, None, max_new_tokens, temperature, seed)
-    steered = generate(m, ids, hook, iv, max_new_tokens, temperature, seed)
+    clean, steered = generate_pair(m, ids, hook, iv, max_new_tokens, temperature, seed, path=path)
     seq = torch.cat([ids[0].cpu(), torch.tensor(clean, dtype=torch.long)])[None]
-    lc = m.logits(seq).float()[0]
-    ls = m.logits(seq, hook=hook, replace=lambda a: iv.apply(a, 0)).float()[0]
+    fast = fast_decoder(m, hook, path)
+    if fast is not None:
+        lc, ls = (t.float() for t in fast.logits_pair(seq, hook, iv.apply))
+    else:
+        lc = m.logits(seq).float()[0]
+        ls = m.logits(seq, hook=hook, replace=lambda a: iv.apply(a, 0)).float()[0]
     logp_c, logp_s = torch.log_softmax(lc, -1), torch.log_softmax(ls, -1)
     kl = (logp_c.exp() * (logp_c - logp_s)).sum(-1)
     tok = m.tokenizer
@@ -323,7 +324,7 @@ def steer(prompt: str, *, sae: Any = None, latents: Iterable[int] = (), values: 
         "prompt": prompt, "model": m.name, "hook": hook, "edits": [e.label for e in edits],
         "unsteered": tok.decode(clean), "steered": tok.decode(steered),
         "unsteered_ids": clean, "steered_ids": steered, "mean_kl": float(kl[skip:].mean()),
-        "temperature": temperature, "seed": seed})
+        "temperature": temperature, "seed": seed, "path": decode_path(m, hook, path)})
     return df
 
 
@@ -450,5 +451,5 @@ def top_per_token(df, n: int = 5):
     return df.groupby("position", sort=True, group_keys=False).head(n)
 
 
-__all__ = ["Edit", "Intervention", "latent_edits", "generate", "steer", "attribute", "agreement",
-           "top_per_token", "ablate_examples", "MODES", "METRICS"]
+__all__ = ["Edit", "Intervention", "latent_edits", "generate", "generate_pair", "decode_path", "steer", "PATHS",
+           "attribute", "agreement", "top_per_token", "ablate_examples", "MODES", "METRICS"]

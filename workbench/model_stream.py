@@ -14,6 +14,14 @@ rows of two chunks (~buffer_tokens / seq_len sequences), at most ``buffer_tokens
 waits at most one refill. Everything is seeded by (seed, c), so the stream position is just (cycle, rows of
 that cycle served): a resume (after SIGKILL) re-tokenises up to chunk c-1 (no forward passes) and recomputes
 chunks c-1 and c only, and gives exactly the same batches as an uninterrupted run.
+
+``keep_store=DIR`` (``train-sae --keep-store``) also writes the activations into a store on the way, through
+``workbench.store.StoreWriter`` (checksummed shards, progress.json, manifest last): shard c = chunk c's
+windows, training and held-out ones, in corpus order (the held-out ones cost an extra forward), so the store
+holds what ``collect`` would for the same corpus prefix and a later run can train from it. The batches served
+do not change. A DIR holding a store of other settings (model, hooks, corpus, seq_len, buffer, holdout) is
+refused naming what differs; a partial one of the same settings is resumed (missing chunks are computed on
+the way), a complete one is reused as it is (nothing rewritten).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ class ModelStream:
 
     def __init__(self, model: Any, hooks: list[str], corpus: str, *, seq_len: int = 128, forward_batch: int = 16,
                  buffer_tokens: int = 1 << 16, seed: int = 0, holdout: float = 0.05, holdout_seed: int = 0,
-                 special_tokens: str = "exclude"):
+                 special_tokens: str = "exclude", keep_store: str | None = None):
         from .collector import _Plan
         if buffer_tokens < 2 * seq_len:
             raise WorkbenchError(f"--buffer-tokens {buffer_tokens} holds less than two windows of {seq_len} "
@@ -62,6 +70,74 @@ class ModelStream:
         self.windows_per_chunk = max(1, buffer_tokens // 2 // seq_len)
         self.forward_batch = forward_batch
         self.n_forward_tokens = 0          # rows computed (for benchmarks)
+        self.writer, self.kept = None, None
+        if keep_store:
+            self._open_keep(keep_store)
+
+    # ----- --keep-store
+    def _keep_header(self) -> dict[str, Any]:
+        p = self.plan
+        settings = {"written_by": "train-sae --keep-store", "model": self.model.name, "hooks": self.hooks,
+                    "corpus": p.fingerprint, "seq_len": p.seq_len, "dtype": "float32", "special_tokens": p.mode,
+                    "excluded_ids": p.excluded, "prepend_bos": p.prepend_bos,
+                    "bos_id": int(p.bos) if p.prepend_bos else None, "windows_per_doc": 0,
+                    "buffer_tokens": self.buffer_tokens, "holdout": self.holdout, "holdout_seed": self.holdout_seed}
+        return dict(model=self.model.name, hooks=self.widths, dtype="float32", seq_len=p.seq_len, settings=settings)
+
+    def _open_keep(self, path: str) -> None:
+        from pathlib import Path
+        from .collector import _header
+        from .errors import OutputExists
+        from .store import MANIFEST, ActivationStore, StoreWriter, _settings_diff
+        kw, path = self._keep_header(), Path(path)
+        if (path / MANIFEST).exists():
+            m = ActivationStore.open(path).manifest
+            old = {**{k: m.get(k) for k in ("model", "hooks", "dtype", "seq_len")},
+                   "settings": m.get("collect", {}).get("settings") or {}}
+            diff = _settings_diff(old, _header(kw))
+            if diff:
+                raise WorkbenchError(f"--keep-store {path} holds a different activation store ({diff}); choose "
+                                     "another folder, or train from that store with `train-sae STORE`")
+            self.kept = {"path": str(path), "status": "reused"}
+            log.info("--keep-store %s already holds this store complete: reused as it is", path)
+            return
+        try:
+            self.writer = StoreWriter.start(path, **kw)
+        except OutputExists as e:
+            raise WorkbenchError(f"--keep-store: {e}") from None
+        self.kept = {"path": str(path), "status": "resumed" if self.writer.shards else "new"}
+
+    def _keep_chunk(self, c: int, item: tuple, acts: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        """Write chunk c as shard c (once): its training windows' rows (computed) and its held-out ones."""
+        from .collector import _batch_rows
+        if self.writer is None or len(self.writer.shards) != c:
+            return
+        train, every = item
+        held = [w for _, w, h in every if h]
+        blocks = _blocks(train, acts, keep) + (_blocks(held, *self._forward(held, meta=True)) if held else [])
+        idx = [i for i, _, h in every if not h] + [i for i, _, h in every if h]
+        blocks = [b for _, b in sorted(zip(idx, blocks), key=lambda t: t[0])]      # corpus order
+        wins = [b[0] for b in blocks]
+        pad = self.model.special_ids.get("pad")
+        _, ids, mask, keepm, ends = _batch_rows(wins, self.plan, 0 if pad is None else int(pad),
+                                               torch.tensor(self.plan.excluded, dtype=torch.long), BIG)
+        rows = {h: torch.cat([b[1][h] for b in blocks]) for h in self.hooks}
+        si = self.writer.n_seq + torch.arange(len(wins)).repeat_interleave(keepm.sum(1))
+        self.writer.write_shard(rows, si, keepm.nonzero()[:, 1], ids, mask,
+                                torch.tensor([w.doc_id for w in wins]), ends)
+
+    def finish_store(self) -> dict[str, Any] | None:
+        """Write the kept store's manifest (after training); returns its summary or None."""
+        if self.writer is None:
+            return self.kept
+        p = self.plan
+        self.writer.finalize(corpus=p.fingerprint, special_tokens={"mode": p.mode, "excluded_ids": p.excluded,
+                                                                   "special_ids": p.special},
+                             extra={"model_kind": getattr(self.model, "kind", None), "prepend_bos": p.prepend_bos,
+                                    "kept_by": "train-sae --keep-store"})
+        self.kept = {**self.kept, "rows": self.writer.n_rows, "shards": len(self.writer.shards)}
+        self.writer = None
+        return self.kept
 
     def check_batch(self, batch_size: int) -> None:
         if self.buffer_tokens < batch_size:
@@ -74,21 +150,43 @@ class ModelStream:
                 "holdout_seed": self.holdout_seed, "holdout_rule": "blake2b('{seed}:{doc_id}') < holdout * 2^64"}
 
     # ----- windows and forward passes
+    def _chunks(self) -> Iterator[tuple[list, list]]:
+        """(the next windows_per_chunk training windows, [(corpus index, window, held out)] of every window
+        read for them): the training windows are exactly ``_windows(False)`` cut into chunks."""
+        p = self.plan
+        ws = pack(iter_documents(self.corpus), self.model.tokenizer, p.seq_len,
+                  bos_id=int(p.bos) if p.prepend_bos else None)
+        train, every = [], []
+        for i, w in enumerate(ws):
+            h = is_heldout(w.doc_id, self.holdout, self.holdout_seed)
+            every.append((i, w, h))
+            if not h:
+                train.append(w)
+                if len(train) == self.windows_per_chunk:
+                    yield train, every
+                    train, every = [], []
+        if train:
+            yield train, every
+
     def _windows(self, heldout: bool) -> Iterator:
         p = self.plan
         ws = pack(iter_documents(self.corpus), self.model.tokenizer, p.seq_len,
                   bos_id=int(p.bos) if p.prepend_bos else None)
         return (w for w in ws if is_heldout(w.doc_id, self.holdout, self.holdout_seed) == heldout)
 
-    def _forward(self, windows: list) -> dict[str, torch.Tensor]:
+    def _forward(self, windows: list, meta: bool = False):
+        """{hook: rows} of the windows (kept tokens, window by window); with ``meta`` also the keep mask
+        [n_windows, seq_len] saying which token each row is."""
         from .collector import _batch_rows
         p = self.plan
         pad = self.model.special_ids.get("pad")
         excl = torch.tensor(p.excluded, dtype=torch.long)
         parts: dict[str, list] = {h: [] for h in self.hooks}
+        keeps = []
         for i in range(0, len(windows), self.forward_batch):
             batch = windows[i:i + self.forward_batch]
             batch, ids, mask, keep, _ = _batch_rows(batch, p, 0 if pad is None else int(pad), excl, BIG)
+            keeps.append(keep)
             L = max(len(w.ids) for w in batch)
             with torch.inference_mode():
                 acts = self.model.run(ids[:, :L].to(p.dev), mask[:, :L].to(p.dev), self.hooks)
@@ -98,6 +196,8 @@ class ModelStream:
             del acts
         out = {h: torch.cat(v) if v else torch.zeros(0, self.widths[h]) for h, v in parts.items()}
         self.n_forward_tokens += int(next(iter(out.values())).shape[0])
+        if meta:
+            return out, torch.cat(keeps) if keeps else torch.zeros(0, p.seq_len, dtype=torch.bool)
         return out
 
     def _gen(self, *tag: int) -> torch.Generator:
@@ -126,7 +226,7 @@ class _Reader:
 
     def __init__(self, ms: ModelStream, batch_size: int, cycle: int, offset: int):
         self.ms, self.B, self.cycle, self.offset = ms, batch_size, cycle, offset
-        self.windows = ms._windows(False)
+        self.chunks = ms._chunks()
         self.chunk_index = -1              # index of the last chunk read from `windows`
         self.halves: dict[int, tuple] = {}  # chunk -> (A, B) dicts of rows
         self.served: dict[str, torch.Tensor] | None = None
@@ -137,14 +237,18 @@ class _Reader:
             return None
         if c not in self.halves:
             while self.chunk_index < c - 1:          # skip without computing (resume / first open)
-                if not list(itertools.islice(self.windows, self.ms.windows_per_chunk)):
+                item = next(self.chunks, None)
+                if item is None:
                     return None
                 self.chunk_index += 1
-            chunk = list(itertools.islice(self.windows, self.ms.windows_per_chunk))
+                if self.ms.writer is not None and len(self.ms.writer.shards) == self.chunk_index:
+                    self.ms._keep_chunk(self.chunk_index, item, *self.ms._forward(item[0], meta=True))
+            item = next(self.chunks, None)
             self.chunk_index += 1
-            if not chunk:
+            if item is None:
                 return None
-            acts = self.ms._forward(chunk)
+            acts, keep = self.ms._forward(item[0], meta=True)
+            self.ms._keep_chunk(c, item, acts, keep)
             n = int(acts[self.ms.hooks[0]].shape[0])
             perm = torch.randperm(n, generator=self.ms._gen(c, 1))
             a, b = perm[: n // 2], perm[n // 2:]
@@ -188,3 +292,9 @@ class _Reader:
                 cyc, off = cyc + 1, 0
         self.cycle, self.offset = cyc, off
         return {h: torch.cat([p[h] for p in parts]) if len(parts) > 1 else parts[0][h] for h in self.ms.hooks}
+
+
+def _blocks(windows: list, acts: dict[str, torch.Tensor], keep: torch.Tensor) -> list[tuple]:
+    """(window, {hook: its rows}) per window, from rows laid out window by window."""
+    bounds = [0] + torch.cumsum(keep.sum(1), 0).tolist()
+    return [(w, {h: a[bounds[j]:bounds[j + 1]] for h, a in acts.items()}) for j, w in enumerate(windows)]

@@ -628,11 +628,16 @@ class StoreWriter:
         data = serialize_shard(tensors)
         del tensors
         rel = shard_name(len(self.shards))
-        atomic_write_bytes(self.path / rel, data)
         entry = {"file": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "rows": rows, "row_start": self.n_rows, "n_seq": n_seq, "seq_start": self.n_seq}
-        self.shards.append(entry)
-        self._save_progress()
+        with disk_space_guard(self.path, len(data), "the next shard"):
+            atomic_write_bytes(self.path / rel, data)      # temp + rename: no half shard is left behind
+            self.shards.append(entry)
+            try:
+                self._save_progress()
+            except BaseException:
+                self.shards.pop()                          # not recorded: a resume rewrites it
+                raise
         return entry
 
     def finalize(self, *, corpus: Any = None, special_tokens: Any = None,
@@ -654,9 +659,35 @@ class StoreWriter:
             "files": files,
             "shards": self.shards,
         }
-        atomic_write_json(self.path / MANIFEST, manifest)
+        with disk_space_guard(self.path, len(json.dumps(manifest)), "the manifest"):
+            atomic_write_json(self.path / MANIFEST, manifest)
         (self.path / PROGRESS).unlink(missing_ok=True)
         return ActivationStore.open(self.path)
+
+
+class disk_space_guard:
+    """Turns "no space left on device" (ENOSPC / EDQUOT) inside the block into a WorkbenchError naming the
+    folder, the free space and what the write needed; the writes in such blocks are atomic (temp + rename),
+    so what was complete before stays complete and a rerun resumes."""
+
+    def __init__(self, folder: str | os.PathLike, need_bytes: int, what: str = "the write"):
+        self.folder, self.need, self.what = Path(folder), int(need_bytes), what
+
+    def __enter__(self) -> "disk_space_guard":
+        return self
+
+    def __exit__(self, typ, e, tb) -> bool:
+        import errno
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = shutil.disk_usage(self.folder if self.folder.exists() else self.folder.parent).free
+            except OSError:
+                free = 0
+            raise WorkbenchError(
+                f"no space left on the disk of {self.folder} ({_human_bytes(free)} free; {self.what} needs "
+                f"{_human_bytes(self.need)}): free at least {_human_bytes(self.need)} there (or choose another "
+                "folder) and rerun the same command: it resumes from what was written completely") from None
+        return False
 
 
 def _settings_diff(prog: dict[str, Any], header: dict[str, Any]) -> str:

@@ -11,7 +11,8 @@ Public API::
     export_sae(sae, "sparsify", "out/")                        # saelens | sparsify | neuronpedia
 
 Architectures (``ARCHS``, filled by :func:`register_arch` in each architecture module — see registry.py):
-relu (L1), topk (+AuxK), batchtopk, jumprelu, matryoshka (BatchTopK).
+relu (L1), topk (+AuxK), batchtopk, jumprelu, matryoshka (BatchTopK), mutual_choice / feature_choice
+(+ aux_zipf_loss), topafa (no fixed k), mp (matching pursuit), gba (group bias adaptation).
 """
 
 from .base import (KNOWN_ARCHS, SAE, SAEConfig, SparseActs, TrainStepInput, TrainStepOutput, check_d_in,
@@ -23,6 +24,10 @@ from .topk import TopKSAE
 from .batchtopk import BatchTopKSAE
 from .jumprelu import JumpReLUSAE
 from .matryoshka import MatryoshkaSAE
+from .feature_choice import FeatureChoiceSAE, MutualChoiceSAE
+from .topafa import TopAFASAE
+from .mp import MatchingPursuitSAE
+from .gba import GroupBiasAdaptationSAE
 
 from .formats import (FORMATS, export_sae, load_saelens, load_sae, load_sparsify, save_saelens,  # noqa: E402
                       save_sparsify)
@@ -32,6 +37,8 @@ from .train import SAETrainingError, default_lr, geometric_median, make_sae, tra
 __all__ = [
     "ARCHS", "KNOWN_ARCHS", "FORMATS", "SAE", "SAEConfig", "SparseActs", "TrainStepInput", "TrainStepOutput",
     "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE",
+    "MutualChoiceSAE", "FeatureChoiceSAE", "TopAFASAE",
+    "MatchingPursuitSAE", "GroupBiasAdaptationSAE",
     "register_arch", "unregister_arch", "arch_names", "get_arch", "uses_k",
     "train_sae", "make_sae", "default_lr", "geometric_median", "SAETrainingError",
     "evaluate_sae", "SAEMetrics", "density_histogram",

@@ -68,6 +68,21 @@ class SAEConfig:
     init_threshold: float = 0.1
     l0_warmup_frac: float = 0.0
     threshold_lr_mult: float = 20.0
+    # --- Feature / Mutual Choice (Ayonrinde 2024; feature_choice.py)
+    fc_capacity: int | None = None        # feature_choice: tokens per latent per batch (default k * B / d_sae)
+    zipf_alpha: float = 1.0               # aux_zipf_loss: exponent of the Zipf target frequencies
+    zipf_ema: float = 0.01                # aux_zipf_loss: EMA rate of the tracked firing frequencies
+    # --- top-AFA (Lee et al. 2025; topafa.py)
+    afa_coef: float = 1 / 32              # weight of the AFA norm-matching loss
+    # --- Matching pursuit (Costa et al. 2025; mp.py): k = max iterations, SAELens' stop rules
+    mp_residual_threshold: float = 0.0    # stop a row when ||residual|| < this (0: off)
+    mp_stop_on_duplicate: bool = True     # stop a row when its support did not change
+    # --- Group Bias Adaptation (Chen et al. 2025; gba.py): k = target mean L0
+    gba_groups: int = 10                  # latent groups, geometric target frequencies
+    gba_high: float = 0.1                 # target firing frequency of the first group (before scaling to k)
+    gba_low: float = 1e-3                 # ... of the last group
+    gba_every: int = 50                   # optimiser steps between bias adaptations (the buffer)
+    gba_gamma: float = 0.01               # bias step (gamma_+ = gamma_-)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -413,13 +428,20 @@ class SAE(nn.Module):
             _, ai = sub.topk(kk, dim=1, sorted=False)
             cols = dead_idx[ai]
         acts = SparseActs.from_topk(torch.empty(0), cols, self.cfg.d_sae)
+        return self._residual_loss(inp, acts, pre, x_in, residual, self.cfg.aux_coef * scale)
+
+    def _residual_loss(self, inp: TrainStepInput, acts: SparseActs, pre: torch.Tensor, x_in: torch.Tensor,
+                       residual: torch.Tensor, coef: float) -> torch.Tensor:
+        """coef * ||e_hat - e||^2 / (variance of e over the global batch): the latents ``acts`` selects
+        (values: their ReLU'd pre-activations) reconstruct the detached residual e = x - x_hat (AuxK's form;
+        aux_zipf_loss reuses it with another selection)."""
         vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
                                     self.cfg.apply_b_dec_to_input).relu()
         e_hat = sparse_decode(acts, self.W_dec, None, values=vals)
         e = residual.detach().to(e_hat.dtype)
         stats = inp.dist.all_reduce_sum(torch.cat([e.sum(0), e.pow(2).sum().reshape(1)]).double())
         res_var = (stats[-1] - stats[:-1].pow(2).sum() / inp.n_global).clamp_min(1e-12)
-        return self.cfg.aux_coef * scale * (e_hat - e).pow(2).sum() / res_var.to(e.dtype)
+        return coef * (e_hat - e).pow(2).sum() / res_var.to(e.dtype)
 
     # ----- persistence
     def save(self, path: str | Path, *, sparsity: torch.Tensor | None = None) -> Path:

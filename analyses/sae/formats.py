@@ -20,6 +20,19 @@ the folder named by the Hugging Face module path sparsify hooks (``layers.6`` fo
 sparsify encodes ``topk(relu(encoder(x - b_dec)))`` — our TopK (``apply_b_dec_to_input=False`` is folded
 into the encoder bias) — so only TopK SAEs export there.
 
+Native-only architectures (SAELens has no such activation; ``saelens_arch`` not a SAELens name): ``topafa``
+is saved in the same layout with ``architecture: "topafa"`` (weights W_enc, b_enc, W_dec, b_dec only; the
+per-token rule is in analyses/sae/topafa.py). ``load_sae`` reads it back as itself;
+``export_sae(..., "saelens" | "neuronpedia")`` refuses it with an explanation instead of writing a folder
+SAELens cannot load. Mutual / Feature Choice SAEs infer with a calibrated JumpReLU threshold, so they are
+SAELens ``jumprelu`` (feature choice: one threshold per latent) and reload as themselves.
+Matching pursuit (``mp``) is SAELens' own ``matching_pursuit`` (cfg ``max_iterations`` = k,
+``residual_threshold``, ``stop_on_duplicate_support``; tensors ``W_dec``, ``b_dec`` only: the encoder is
+W_dec^T). Group Bias Adaptation (``gba``) infers with JumpReLU, so it is a SAELens ``jumprelu``
+(W_enc = W_dec^T diag(a), b_enc = 0, threshold = -a b) and reloads as itself. Architectures with tied or
+extra tensors provide ``saelens_state`` / ``saelens_cfg_extra`` / ``options_from_saelens`` /
+``load_saelens_tensors`` (see mp.py, gba.py).
+
 Neuronpedia bundle (``export_sae(..., "neuronpedia")``): Neuronpedia ingests SAEs in SAELens format
 hosted as a Hugging Face model repo (``library_name: saelens``); its dashboard generator (SAEDashboard's
 Neuronpedia runner) loads the folder with SAELens and needs the model id, layer, hook and the sparsity
@@ -47,7 +60,7 @@ from .base import DTYPES, KNOWN_ARCHS, SAE, SAEConfig, dtype_name
 from .sparsify import hook_from_hookpoint, load_sparsify, save_sparsify, sparsify_hookpoint  # noqa: F401
 
 SAELENS_REQUIRED = ("architecture", "d_in", "d_sae", "dtype")
-SAELENS_READABLE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_READABLE = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "matching_pursuit": "mp"}
 FORMATS = ("saelens", "sparsify", "neuronpedia")
 MIN_SAELENS_VERSION = "6.0.0"
 
@@ -75,6 +88,8 @@ def _registry() -> dict[str, type[SAE]]:
 
 def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     t = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if hasattr(sae, "saelens_state"):      # an architecture with its own tensor set (matching_pursuit)
+        t = sae.saelens_state()
     if sae.saelens_arch == "jumprelu":
         t["threshold"] = sae.thresholds()
     return {k: v.detach().to("cpu", DTYPES.get(sae.cfg.dtype, torch.float32)).contiguous() for k, v in t.items()}
@@ -102,6 +117,8 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
     if sae.saelens_arch == "topk":
         cfg["k"] = int(c.k)
         cfg["rescale_acts_by_decoder_norm"] = False
+    if hasattr(sae, "saelens_cfg_extra"):  # architecture-specific SAELens cfg keys (matching_pursuit)
+        cfg.update(sae.saelens_cfg_extra())
     return cfg
 
 
@@ -170,10 +187,11 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
             meta[key] = raw[key]
     wb = dict(meta.get("workbench") or {})
     ours = meta.get("workbench_arch")
-    if arch_sl not in SAELENS_READABLE:
+    native = ours in _registry() and _registry()[ours].saelens_arch == arch_sl   # e.g. topafa
+    if arch_sl not in SAELENS_READABLE and not native:
         raise ValueError(f"{path}: unknown or unsupported SAE architecture {arch_sl!r}; known: "
                          f"{', '.join(SAELENS_READABLE)} (SAELens names) = {', '.join(KNOWN_ARCHS)} (workbench)")
-    arch = SAELENS_READABLE[arch_sl]
+    arch = SAELENS_READABLE.get(arch_sl, ours)
     if ours in _registry() and _registry()[ours].saelens_arch == arch_sl:
         arch = ours
     norm = raw.get("normalize_activations", "none") or "none"
@@ -187,6 +205,11 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
     want_dtype = _dtype_key(dtype or raw["dtype"], path)
     opts = {kk: v for kk, v in wb.items() if kk in {f for f in SAEConfig.__dataclass_fields__}
             and kk not in ("arch", "d_in", "d_sae", "k", "dtype", "device", "metadata")}
+    if hasattr(_registry()[arch], "options_from_saelens"):   # e.g. matching_pursuit's max_iterations -> k
+        extra = _registry()[arch].options_from_saelens(raw)
+        k = k if k is not None else extra.pop("k", None)
+        extra.pop("k", None)
+        opts = {**extra, **opts}
     cfg = SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=int(k) if k is not None else None,
                     dtype=want_dtype, device=str(device),
                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=meta, **opts)
@@ -196,6 +219,9 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
     if not weights.exists():
         raise FileNotFoundError(f"{path} has cfg.json but no sae_weights.safetensors")
     tensors = load_file(weights)
+    if arch_sl == "matching_pursuit" and "W_dec" in tensors:   # tied, no encoder tensors on disk
+        tensors.setdefault("W_enc", tensors["W_dec"].t())
+        tensors.setdefault("b_enc", torch.zeros(tensors["W_dec"].shape[0], dtype=tensors["W_dec"].dtype))
     _check_shapes(tensors, d_in, d_sae, path)
     if arch_sl == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         # fold decoder norms: scale-invariant selection becomes plain topk on unit-norm rows
@@ -206,9 +232,14 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
     sae = _registry()[arch](cfg, init=False)
     dt = DTYPES[want_dtype]
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(tensors[name].to(dt))
-        if arch == "jumprelu":
+        if hasattr(sae, "load_saelens_tensors"):     # tied architectures (mp, gba) rebuild their own
+            sae.load_saelens_tensors(tensors)
+        else:
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(tensors[name].to(dt))
+        if hasattr(sae, "load_saelens_tensors"):
+            pass
+        elif arch == "jumprelu":
             if "threshold" in tensors:
                 sae.set_thresholds(tensors["threshold"].float())
             elif "log_threshold" in tensors:
@@ -219,7 +250,10 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: st
             thr = tensors.get("threshold")
             if thr is None:
                 raise ValueError(f"{path}: {arch} SAE without 'threshold' tensor")
-            sae.threshold.fill_(float(thr.double().mean()))
+            if sae.threshold.dim() == 1:                 # one per latent (feature choice)
+                sae.threshold.copy_(thr.double())
+            else:
+                sae.threshold.fill_(float(thr.double().mean()))
     sp = path / "sparsity.safetensors"
     if sp.exists():
         try:
@@ -311,6 +345,10 @@ def export_sae(sae: SAE | str | Path, format: str, out: str | Path, *, overwrite
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) or choose another --out")
         shutil.rmtree(out)
+    if format in ("saelens", "neuronpedia") and sae.saelens_arch not in SAELENS_READABLE:
+        raise ValueError(f"SAELens has no {sae.arch!r} architecture, so a {format} export could not be loaded "
+                         f"by SAELens; the SAE's own folder (architecture {sae.saelens_arch!r}, documented in "
+                         "analyses/sae/formats.py) is the format to share: it loads with analyses.sae.load_sae")
     if format == "saelens":
         return save_saelens(sae, out)
     if format == "sparsify":

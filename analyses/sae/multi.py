@@ -35,7 +35,7 @@ import torch
 from .._util import check_finite_rows, resolve_device
 from ._source import SAETrainingError, _Source, _Stream, _as_batch
 from .train import (CALIBRATION_TOKENS, MAX_BATCH, RunSettings, _subspace_init, _Trainer, default_batch_size,
-                    init_seed, make_sae)
+                    default_dead_tokens, init_seed, make_sae)
 from .registry import get_arch
 from .base import SINGLE
 
@@ -189,6 +189,7 @@ def train_saes(source: Any, specs: list[dict], n_tokens: int | None = None, batc
         get_arch(s.get("arch", "topk"))
         if s.get("lr") is not None and not float(s["lr"]) > 0:
             raise ValueError(f"spec {i}: lr must be > 0, got {s['lr']!r}")
+    _refuse_data_parallel()
     dseed = int(specs[0].get("seed", 0) if data_seed is None else data_seed)
     dev = resolve_device(device)
     if _is_stream(source):
@@ -211,6 +212,18 @@ def train_saes(source: Any, specs: list[dict], n_tokens: int | None = None, batc
     for i, s in enumerate(specs):
         trainers.append(drv.build(i, s, n_tokens, checkpoint_every, autocast, calibration_tokens, log_every))
     return drv.run(trainers, progress, callback, on_error)
+
+
+def _refuse_data_parallel() -> None:
+    """Many SAEs in one pass run in one process: under torchrun every rank would train (and write) every
+    SAE on the whole batch. Data parallel (rank 0 writes) is ``train_sae``'s, one SAE per command."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise ValueError(f"many SAEs in one pass (several hooks / widths / k / seeds, or straight from the model) "
+                         f"run in one process, not under torchrun (world size {world}): run it without torchrun, "
+                         "or one train-sae per SAE from a store under torchrun (data parallel)")
 
 
 class _Driver:
@@ -250,7 +263,7 @@ class _Driver:
         keep_basis = _subspace_init(sae, first, init, subspace, keep, seed) if init != "random" else \
             _subspace_init(sae, None, init, subspace, keep, seed)
         if "dead_tokens" in type(sae).options and sae.cfg.dead_tokens is None:
-            sae.cfg.dead_tokens = int(min(10_000_000, max(run.total * self.B // 10, 4 * self.B)))
+            sae.cfg.dead_tokens = default_dead_tokens(run.total, self.B, sae.cfg.d_sae, sae.cfg.k)
         tr = _MultiTrainer(sae, run, getattr(self.src, "flat", None), SINGLE, self.dev, ckpt, False, None, log_every)
         tr.keep_basis = keep_basis.to(self.dev) if keep_basis is not None else None
         if init != "random":

@@ -199,6 +199,12 @@ def _guess_workspace(cfg: Any) -> Workspace | None:
     return None
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 outside it): only rank 0 writes results and index rows."""
+    import os
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def run_step(name: str, config: Any = None, *, workspace: str | Workspace | None = None,
              sweep: str | None = None, **overrides) -> StepResult:
     """Run a registered step and record it in the workspace index (given, or found by walking up
@@ -207,6 +213,8 @@ def run_step(name: str, config: Any = None, *, workspace: str | Workspace | None
     ws = Workspace(workspace) if isinstance(workspace, (str, Path)) else workspace
     if ws is None:
         ws = _guess_workspace(cfg)
+    if torchrun_rank() > 0:      # under torchrun the run is recorded once, by rank 0
+        ws = None
     record = ws.start_run(name, config_dict(cfg), sweep=sweep) if ws is not None else None
     t0 = time.time()
     try:
@@ -226,4 +234,4 @@ def run_step(name: str, config: Any = None, *, workspace: str | Workspace | None
 
 
 # The built-in steps register themselves on import (after everything above exists).
-from . import collect, compare, features, interventions, match, match_layers, pca, sae, subspace  # noqa: E402,F401
+from . import collect, compare, features, interventions, match, match_layers, multid, pca, sae, subspace  # noqa: E402,F401

@@ -2,7 +2,14 @@
 (``--model M --corpus C``, no store): every combination trains from one stream of batches
 (:func:`analyses.sae.multi.train_saes`); each SAE gets its own folder (OUT/NAME, NAME by the one output
 rule: ``ARCH-HOOK-D_SAE`` plus ``-kK`` / ``-sSEED`` when those vary), checkpoints, eval and index row.
-The data order is seeded by the first --seed (a one-value grid is exactly ``train-sae`` alone)."""
+The data order is seeded by the first --seed (a one-value grid is exactly ``train-sae`` alone).
+
+One pass runs one model: several ``--model`` values, or hook patterns prefixed with another model
+(``other:blocks.3.hook_resid_post``; the prefix may name the model / the store's model) are refused.
+``--keep-store DIR`` (with --model) also writes the store on the way (:mod:`workbench.model_stream`).
+Out of disk while checkpointing or saving: a WorkbenchError naming the folder and the space needed; the
+checkpoints are written atomically, so a rerun resumes. Sweeps hand their groups of compatible train_sae
+nodes to :func:`train_one_pass` (see ``TrainSAEConfig.sweep_group``)."""
 
 from __future__ import annotations
 
@@ -34,6 +41,21 @@ def _names(combos: list[dict], cfg) -> list[str]:
             (f"-s{c['seed']}" if vary_s else "") for c in combos]
 
 
+def one_model_patterns(cfg, pats: list[str], model_name: str | None) -> list[str]:
+    """The hook patterns without a ``MODEL:`` prefix naming the one model; a grid mixing models is refused."""
+    given = [m for m in as_list(getattr(cfg, "model", "")) if m]
+    if len(set(given)) > 1:
+        raise WorkbenchError(f"train-sae got several models ({', '.join(dict.fromkeys(given))}) but one pass runs "
+                             "one model: run one train-sae per model (or a sweep with one [[models]] table each)")
+    named = {p.split(":", 1)[0] for p in pats if ":" in p}
+    other = sorted(named - {model_name})
+    if other:
+        where = f"model {model_name}" if given else f"store {cfg.store} (model {model_name})"
+        raise WorkbenchError(f"the hook grid names models {', '.join(other)} but one pass runs one model: the "
+                             f"{where}; give one train-sae per model, or drop the prefix")
+    return [p.split(":", 1)[1] if ":" in p else p for p in pats]
+
+
 def train_grid(cfg, topk_family) -> StepResult:
     from analyses.sae import SAETrainingError, evaluate_sae
     from analyses.sae.multi import train_saes
@@ -47,25 +69,27 @@ def train_grid(cfg, topk_family) -> StepResult:
             raise WorkbenchError("--model needs --n-tokens (how many tokens to train on)")
         from ..model_stream import ModelStream
         from ..models import load_model
-        model = load_model(cfg.model, device=cfg.device)
+        model_spec = as_list(cfg.model)[0]
+        pats = one_model_patterns(cfg, pats, model_spec)      # before loading anything
         if not pats:
             raise WorkbenchError("--model needs --hooks (e.g. 'blocks.{3,6}.hook_resid_post')")
+        model = load_model(model_spec, device=cfg.device)
         hooks = model.resolve_hooks(pats)
-        models = {p.split(":", 1)[0] for p in pats if ":" in p}
-        if models and models != {cfg.model}:
-            raise WorkbenchError(f"the hook grid names models {sorted(models)} but one pass runs one model "
-                                 f"({cfg.model}); give one train-sae per model")
         ms = ModelStream(model, hooks, cfg.corpus, seq_len=cfg.seq_len, buffer_tokens=cfg.buffer_tokens,
-                         seed=as_list(cfg.seed)[0], holdout=cfg.holdout, holdout_seed=cfg.holdout_seed)
+                         seed=as_list(cfg.seed)[0], holdout=cfg.holdout, holdout_seed=cfg.holdout_seed,
+                         keep_store=getattr(cfg, "keep_store", "") or None)
         ms.check_batch(cfg.batch_size)
         source, near, dims = ms, cfg.out or ".", ms.widths
-        meta_base = {"model_name": cfg.model, "context_size": cfg.seq_len, "dataset_path": cfg.corpus,
+        meta_base = {"model_name": model_spec, "context_size": cfg.seq_len, "dataset_path": cfg.corpus,
                      "workbench": {"source": {"from_model": ms.info()}}}
         n_tokens = cfg.n_tokens
     else:
         from .sae import _open_store, _store_meta
         from ._sae_eval import split_meta
         store = _open_store(cfg.store)
+        if getattr(cfg, "keep_store", ""):
+            raise WorkbenchError("--keep-store writes the store of a --model run; this run already reads a store")
+        pats = one_model_patterns(cfg, pats, store.model_name)
         hooks = select_hooks(store.hooks, pats, where=f"store {cfg.store}") if pats else list(store.hooks)
         sp = store.split(cfg.holdout, cfg.holdout_seed)
         held = sp.heldout_rows.numel() > 0
@@ -101,12 +125,16 @@ def train_grid(cfg, topk_family) -> StepResult:
         extra = {kk: v for kk, v in (("l1_coef", cfg.l1_coef), ("l0_coef", cfg.l0_coef)) if v}
         specs.append(dict(hook=c["hook"], arch=cfg.arch, d_sae=c["d_sae"], k=k, seed=c["seed"], lr=cfg.lr or None,
                           checkpoint_dir=str(out / ".checkpoints"), metadata=meta, **extra))
+    from .sae import checkpoint_bytes, disk_space_guard
+    need = sum(checkpoint_bytes(dims[s["hook"]], s["d_sae"]) for s in specs)
     try:
-        saes = train_saes(source, specs, n_tokens=n_tokens, batch_size=int(cfg.batch_size), device=cfg.device,
-                          checkpoint_every=cfg.checkpoint_every or None,
-                          progress=progress_stream() if cfg.progress else False, on_error="keep")
+        with disk_space_guard(outs[0].parent, need, f"the checkpoints of {len(specs)} SAEs"):
+            saes = train_saes(source, specs, n_tokens=n_tokens, batch_size=int(cfg.batch_size) or None,
+                              device=cfg.device, checkpoint_every=cfg.checkpoint_every or None,
+                              progress=progress_stream() if cfg.progress else False, on_error="keep")
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
+    kept = ms.finish_store() if model_mode else None
     rows_out, metrics, failed = [], {}, []
     for spec, sae, out, name in zip(specs, saes, outs, names):
         if isinstance(sae, Exception):
@@ -124,7 +152,8 @@ def train_grid(cfg, topk_family) -> StepResult:
                 ev = evaluate_sae(sae, data, max_tokens=cfg.eval_tokens, device=sae.device)
                 sae.cfg.metadata["workbench"]["eval"] = {kk: v for kk, v in ev.items() if isinstance(v, (int, float))}
         sae.to("cpu")
-        sae.save(out)
+        with disk_space_guard(out, checkpoint_bytes(sae.cfg.d_in, sae.cfg.d_sae) // 3, "the SAE"):
+            sae.save(out)
         shutil.rmtree(out / ".checkpoints", ignore_errors=True)
         wb = sae.cfg.metadata["workbench"]
         m = {f"train_{kk}": float(wb[kk]) for kk in ("fvu", "l0")
@@ -137,8 +166,10 @@ def train_grid(cfg, topk_family) -> StepResult:
         metrics.update({f"{name}.{kk}": v for kk, v in m.items()})
     if failed and not rows_out:
         raise WorkbenchError("every SAE diverged: " + "; ".join(failed))
+    exhausted = next((r["data_exhausted"] for r in rows_out if r.get("data_exhausted")), None)
     return StepResult(summary={"saes": rows_out, "failed": failed, "hooks": hooks,
-                               "source": "model" if model_mode else "store"},
+                               "source": "model" if model_mode else "store", "kept_store": kept,
+                               **({"data_exhausted": exhausted} if exhausted else {})},
                       metrics=metrics, artifacts={f"sae:{r['sae']}": r["sae"] for r in rows_out})
 
 
@@ -153,3 +184,56 @@ def _index_row(out: Path, cfg, spec: dict, metrics: dict) -> None:
          "model": getattr(cfg, "model", ""), "one_pass_of": str(Path(out).parent)}
     r = ws.start_run("train_sae", c)
     ws.finish_run(r, "done", metrics=metrics, artifacts={"sae": str(out)})
+
+
+def train_one_pass(cfgs: list, topk_family) -> list:
+    """A sweep's group of train_sae configs that differ only in hook, d_sae and k (each with its own --out):
+    one stream of the store's batches feeds them all (the same rows, seeded by the shared seed, that each
+    would read alone), and each SAE is finished exactly as ``train-sae`` alone would (eval, save). Returns one
+    StepResult or exception per config."""
+    from analyses.sae import SAETrainingError
+    from analyses.sae.multi import train_saes
+    from .sae import _init_options, _open_store, checkpoint_bytes, disk_space_guard, finish_one, prepare_one
+    store = _open_store(cfgs[0].store)
+    prepared: list = []
+    for c in cfgs:                # a member's bad settings (k > d_sae, ...) fail that member only
+        try:
+            prepared.append(prepare_one(c, store))
+        except WorkbenchError as e:
+            prepared.append(e)
+    ok = [i for i, o in enumerate(prepared) if not isinstance(o, Exception)]
+    if not ok:
+        return prepared
+    cfgs, ones, c0 = [cfgs[i] for i in ok], [prepared[i] for i in ok], cfgs[ok[0]]
+    keys = {(o["n_tokens"], o["bs"], str(o["train_rows"] is None)) for o in ones}
+    if len(keys) != 1 or len({c.store for c in cfgs}) != 1 or len({int(c.seed) for c in cfgs}) != 1:
+        raise WorkbenchError("a one-pass group must share the store, seed, token budget and batch size")
+    hooks = list(dict.fromkeys(o["hook"] for o in ones))
+    one, seed = ones[0], int(c0.seed)
+
+    def source(epoch: int):   # what train-sae alone reads for each hook, zipped (same seed: same rows)
+        its = [store.batches(h, one["bs"], shuffle=True, seed=seed * 1000 + epoch, rows=one["train_rows"])
+               for h in hooks]
+        for parts in zip(*its):
+            yield dict(zip(hooks, parts))
+
+    specs = [dict(hook=o["hook"], arch=c.arch, d_sae=o["d_sae"], k=o["k"], seed=seed, lr=c.lr or None,
+                  checkpoint_dir=str(o["ckpt"]), metadata=o["meta"], **_init_options(c), **o["arch_cfg"])
+             for c, o in zip(cfgs, ones)]
+    need = sum(checkpoint_bytes(o["d_in"], o["d_sae"]) for o in ones)
+    try:
+        with disk_space_guard(one["out"].parent, need, f"the checkpoints of {len(specs)} SAEs"):
+            saes = train_saes(source, specs, n_tokens=one["n_tokens"], batch_size=one["bs"], device=c0.device,
+                              checkpoint_every=c0.checkpoint_every or None,
+                              progress=progress_stream() if c0.progress else False, on_error="keep")
+    except (SAETrainingError, ValueError) as e:
+        raise WorkbenchError(f"train-sae: {e}") from None
+    for i, c, o, sae in zip(ok, cfgs, ones, saes):
+        if isinstance(sae, Exception):
+            prepared[i] = WorkbenchError(f"train-sae: {sae}")
+            continue
+        try:
+            prepared[i] = finish_one(c, store, o, sae)
+        except Exception as e:   # noqa: BLE001 - one SAE's failure is its own node's
+            prepared[i] = e
+    return prepared

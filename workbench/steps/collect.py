@@ -16,7 +16,8 @@ class CollectConfig:
         "hook names or patterns (repeatable): blocks.6.hook_resid_post, 'blocks.*.hook_resid_post', "
         "'blocks.{6,15}.hook_resid_post'", role="hooks"))
     corpus: str = field(default="builtin", metadata=arg(
-        "builtin, a .txt file (:lines / :paragraphs) or folder, FILE.jsonl[:field], hf:NAME[:split[:field]]"))
+        "builtin, calendar (synthetic weekday/month/year sentences), a .txt file (:lines / :paragraphs) or "
+        "folder, FILE.jsonl[:field], hf:NAME[:split[:field]]"))
     max_tokens: int = field(default=50_000, metadata=arg("number of token rows to collect"))
     seq_len: int = field(default=128, metadata=arg("tokens per window (one document per window)"))
     batch_size: int = field(default=16, metadata=arg("windows per forward pass"))

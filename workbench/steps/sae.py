@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import WorkbenchError
 from ..hooks import pick_hook
 from ..logs import progress_stream
-from . import StepResult, arg, default_out, register
+from . import StepResult, arg, default_out, register, torchrun_rank
 from ._sae_eval import SPLIT_CHOICES, ce_metrics, density_block, eval_rows, write_eval
 
 CE_SEQUENCES = 64      # default for eval-sae: see ce_metrics / README for the measured standard error
@@ -135,22 +135,60 @@ class TrainSAEConfig:
     keep_subspace: bool = field(default=False, metadata=arg(
         "keep the decoder rows inside the active subspace during training (with --init active-subspace)"))
     model: str = field(default="", metadata=arg(
-        "train straight from this model (no store): needs --corpus, --hooks and --n-tokens"))
+        "train straight from this model (no store): needs --corpus, --hooks and --n-tokens", many=True))
     corpus: str = field(default="builtin", metadata=arg("corpus spec for --model"))
     seq_len: int = field(default=128, metadata=arg("window length for --model"))
     buffer_tokens: int = field(default=1 << 16, metadata=arg(
         "shuffle buffer for --model, in tokens (fill, shuffle, serve half, refill; >= one batch)"))
+    keep_store: str = field(default="", metadata=arg(
+        "with --model: also write the activations into this store folder on the way (resumable; a later "
+        "train-sae STORE reuses it)"))
     progress: bool = field(default=True, metadata=arg("progress bar on stderr", cli=False))
 
 
 @register("train_sae", TrainSAEConfig, help="train a sparse autoencoder on one hook of a store",
           produces="sae")
 def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
-    from analyses.sae import SAETrainingError, evaluate_sae, train_sae
+    from analyses.sae import SAETrainingError, train_sae
     from ._sae_multi import is_grid, train_grid
     if is_grid(cfg):            # several hooks / widths / k / seeds, or --model: one pass, many SAEs
         return train_grid(cfg, TOPK_FAMILY)
     store = _open_store(cfg.store)
+    one = prepare_one(cfg, store)
+    seed, hook = int(cfg.seed), one["hook"]
+
+    def source(epoch: int):
+        return store.batches(hook, one["bs"], shuffle=True, seed=seed * 1000 + epoch, rows=one["train_rows"])
+
+    try:
+        with disk_space_guard(one["out"], checkpoint_bytes(one["d_in"], one["d_sae"]), "an SAE checkpoint"):
+            sae = train_sae(source, arch=cfg.arch, d_sae=one["d_sae"], k=one["k"], n_tokens=one["n_tokens"],
+                            batch_size=one["bs"], lr=cfg.lr or None, seed=seed, device=cfg.device,
+                            checkpoint_dir=one["ckpt"], checkpoint_every=cfg.checkpoint_every or None,
+                            progress=progress_stream() if cfg.progress else False, metadata=one["meta"],
+                            **_init_options(cfg), **one["arch_cfg"])
+    except (SAETrainingError, ValueError) as e:
+        raise WorkbenchError(f"train-sae: {e}") from None
+    if (rank := torchrun_rank()) > 0:     # data-parallel: every rank holds the same SAE; rank 0 writes it
+        return StepResult(summary={"sae": str(one["out"]), "rank": rank, "written_by": "rank 0"})
+    return finish_one(cfg, store, one, sae)
+
+
+def checkpoint_bytes(d_in: int, d_sae: int) -> int:
+    """About what one SAE checkpoint takes on disk: weights + Adam's two moments, float32, plus slack."""
+    return int(3 * 4 * (2 * d_in * d_sae + d_sae + d_in) * 1.1) + (1 << 20)
+
+
+def disk_space_guard(folder, need: int, what: str):
+    from ..store import disk_space_guard as guard
+    return guard(folder, need, what)
+
+
+def prepare_one(cfg: TrainSAEConfig, store) -> dict[str, Any]:
+    """Checks and settings of one SAE of ``cfg`` on ``store`` (its output folder made, kept when it holds
+    checkpoints: a rerun resumes). Shared by train-sae and the sweeps' one-pass groups."""
+    from analyses.sae.train import default_batch_size
+    from ._sae_eval import split_meta
     hook = pick_hook(store, cfg.hook)
     d_in = store.d(hook)
     d_sae = cfg.d_sae or 8 * d_in
@@ -165,38 +203,30 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
             raise WorkbenchError(f"{out} already holds an SAE; pass --overwrite to replace it or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)   # a half-written folder keeps its checkpoints: resume
-    ckpt = out / ".checkpoints"
     arch_cfg: dict[str, Any] = {}
     if cfg.l1_coef:
         arch_cfg["l1_coef"] = cfg.l1_coef
     if cfg.l0_coef:
         arch_cfg["l0_coef"] = cfg.l0_coef
-    seed = int(cfg.seed)
-    from analyses.sae.train import default_batch_size
-
-    from ._sae_eval import best_density, split_meta
     sp = store.split(cfg.holdout, cfg.holdout_seed)
     held = sp.heldout_rows.numel() > 0
-    train_rows = sp.train_rows if held else None
     if cfg.batch_size < 0:
         raise WorkbenchError(f"--batch-size {cfg.batch_size}: give a positive number of rows, or 0 for the default")
-    bs = int(cfg.batch_size) or default_batch_size(cfg.n_tokens or sp.train_rows.numel())
-    meta = {**_store_meta(store, hook), "workbench": {"split": split_meta(store, sp)}}
+    n_tokens = cfg.n_tokens or int(sp.train_rows.numel())
+    return {"hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k, "out": out, "ckpt": out / ".checkpoints",
+            "arch_cfg": arch_cfg, "sp": sp, "held": held, "train_rows": sp.train_rows if held else None,
+            "n_tokens": n_tokens, "bs": int(cfg.batch_size) or default_batch_size(n_tokens),
+            "meta": {**_store_meta(store, hook), "workbench": {"split": split_meta(store, sp)}}}
 
-    def source(epoch: int):
-        return store.batches(hook, bs, shuffle=True, seed=seed * 1000 + epoch, rows=train_rows)
 
-    try:
-        sae = train_sae(source, arch=cfg.arch, d_sae=d_sae, k=k, n_tokens=cfg.n_tokens or sp.train_rows.numel(),
-                        batch_size=bs, lr=cfg.lr or None, seed=seed, device=cfg.device,
-                        checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every or None,
-                        progress=progress_stream() if cfg.progress else False, metadata=meta,
-                        **_init_options(cfg), **arch_cfg)
-    except (SAETrainingError, ValueError) as e:
-        raise WorkbenchError(f"train-sae: {e}") from None
+def finish_one(cfg: TrainSAEConfig, store, one: dict[str, Any], sae) -> StepResult:
+    """After training: held-out evaluation (OUT/eval), density, save (cfg.json last), drop the checkpoints."""
+    from analyses.sae import evaluate_sae
+    from ._sae_eval import best_density
+    hook, sp, held, out, seed = one["hook"], one["sp"], one["held"], one["out"], int(cfg.seed)
     metrics: dict[str, float] = {}
     wb = sae.cfg.metadata.setdefault("workbench", {})
-    wb.setdefault("split", meta["workbench"]["split"])
+    wb.setdefault("split", one["meta"]["workbench"]["split"])
     for key in ("fvu", "l0", "dead_fraction"):
         if isinstance(wb.get(key), (int, float)) and math.isfinite(wb[key]):
             metrics[f"train_{key}"] = float(wb[key])
@@ -217,18 +247,30 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
         metrics["dead_fraction"] = dens["best"]["dead_fraction"]
         metrics["dead_fraction_tokens"] = float(dens["best"]["n_tokens"])
     sae.to("cpu")
-    if ev is not None:
-        write_eval(out / "eval", ev, sae_path=str(out), store=str(store.path), hook=hook, split=split,
-                   split_note=note, split_info=wb["split"], density=dens, ce=None,
-                   ce_reason="train-sae does not splice (run eval-sae)")
-    sae.save(out)            # cfg.json last: the folder is complete from here on
-    shutil.rmtree(ckpt, ignore_errors=True)
+    with disk_space_guard(out, checkpoint_bytes(one["d_in"], one["d_sae"]) // 3, "the SAE and its evaluation"):
+        if ev is not None:
+            write_eval(out / "eval", ev, sae_path=str(out), store=str(store.path), hook=hook, split=split,
+                       split_note=note, split_info=wb["split"], density=dens, ce=None,
+                       ce_reason="train-sae does not splice (run eval-sae)")
+        sae.save(out)            # cfg.json last: the folder is complete from here on
+    shutil.rmtree(one["ckpt"], ignore_errors=True)
     return StepResult(
-        summary={"sae": str(out), "arch": cfg.arch, "hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k,
-                 "n_tokens": wb.get("n_tokens"), "batch_size": bs, "split": split, "split_note": note,
-                 "n_train_rows": int(sp.train_rows.numel()), "n_heldout_rows": int(sp.heldout_rows.numel()),
-                 "density": (dens or {}).get("best")},
+        summary={"sae": str(out), "arch": cfg.arch, "hook": hook, "d_in": one["d_in"], "d_sae": one["d_sae"],
+                 "k": one["k"], "n_tokens": wb.get("n_tokens"), "batch_size": one["bs"], "split": split,
+                 "split_note": note, "n_train_rows": int(sp.train_rows.numel()),
+                 "n_heldout_rows": int(sp.heldout_rows.numel()), "density": (dens or {}).get("best"),
+                 **({"data_exhausted": wb["data_exhausted"]} if wb.get("data_exhausted") else {})},
         metrics=metrics, artifacts={"sae": str(out), **({"eval": str(out / "eval")} if ev is not None else {})})
+
+
+def _one_pass_group(cfgs: list) -> list:
+    from ._sae_multi import train_one_pass
+    return train_one_pass(cfgs, TOPK_FAMILY)
+
+
+# read by the sweep planner (workbench.sweep.dag): train_sae nodes that differ only in these fields (and the
+# hook) are trained in one pass by _one_pass_group, each still its own node, folder and index row
+TrainSAEConfig.sweep_group = {"vary": ("d_sae", "k"), "run": _one_pass_group}
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -6,6 +6,12 @@ Status of a node, decided against the workspace (index + disk):
   redo     something is there but it cannot be trusted: a complete artefact the index does not
            vouch for, or a `done` run whose artefact is gone / half-written
   failed   its last run failed (tried again)
+
+One-pass groups: nodes of a step whose config class declares ``sweep_group = {"vary": (fields...), "run":
+fn}`` (train_sae) and that differ only in their hook and those fields (same inputs and every other option:
+source, seed, token budget, batch size) form a group, run by ``fn(configs)`` in one pass over their input
+(``Plan.groups``: node key -> the keys of its group). Each node keeps its own identity, output folder and
+index row, so a group member that is done is skipped and the rest resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Plan:
     spec: SweepSpec
     workspace: Workspace
     nodes: dict[str, Node]        # in a topological order
+    groups: dict[str, list[str]] = field(default_factory=dict)   # node key -> its one-pass group
 
     def order(self) -> list[Node]:
         return list(self.nodes.values())
@@ -320,7 +327,21 @@ def _build(spec: SweepSpec, ws: Workspace, hooks: dict[str, list[str]]) -> Plan:
                       {"model": a, "model_b": c, **var})
     if refused:
         raise SweepError(f"{spec.source}: refused before anything runs:\n  " + "\n  ".join(refused))
-    return Plan(spec, ws, b.nodes)
+    return Plan(spec, ws, b.nodes, one_pass_groups(b.nodes))
+
+
+def one_pass_groups(nodes: dict[str, Node]) -> dict[str, list[str]]:
+    """node key -> keys of the nodes trained with it in one pass (groups of two or more; see the docstring)."""
+    from ..steps import STEPS
+    found: dict[tuple, list[str]] = {}
+    for n in nodes.values():
+        g = getattr(STEPS[n.step].config_cls, "sweep_group", None) if n.step in STEPS else None
+        if not g:
+            continue
+        free = set(g["vary"]) | {field_for(n.step, "hook"), field_for(n.step, "out")}
+        same = json.dumps({k: v for k, v in n.config.items() if k not in free}, sort_keys=True, default=str)
+        found.setdefault((n.step, tuple(n.deps), same), []).append(n.key)
+    return {k: keys for keys in found.values() if len(keys) > 1 for k in keys}
 
 
 def _sweep_check(spec: SweepSpec, step: str, opts: dict[str, Any], a: str, c: str) -> str | None:

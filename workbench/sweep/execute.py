@@ -6,6 +6,10 @@ artefacts and the results are the same either way. Outcome of a node:
   done     run now, successfully
   failed   run now, raised (the index holds the run with its error)
   skipped  a step it needs failed or was skipped
+
+A one-pass group (``Plan.groups``) runs as one call (one Ray task) when its first member comes up: the
+members not done yet are trained together by the step's ``sweep_group["run"]`` and each gets its own run in
+the index (its own config, metrics and artefact), as if run alone.
 """
 
 from __future__ import annotations
@@ -69,6 +73,55 @@ def _run_node_here(step: str, config: dict, ws_root: str, sweep: str, imports: l
     return {"outcome": "done", "run_id": res.run_id, "seconds": time.time() - t0, "error": None}
 
 
+def _run_group_here(step: str, configs: list[dict], ws_root: str, sweep: str, imports: list[str]) -> list[Outcome]:
+    """Run a one-pass group and record one index run per member (as ``run_step`` does for one); never raises
+    an Exception (what a Ray task runs too)."""
+    import traceback
+    for mod in imports:
+        importlib.import_module(mod)
+    from ..errors import WorkbenchError
+    from ..steps import STEPS, config_dict, make_config
+    ws = Workspace(ws_root)
+    t0 = time.time()
+    try:
+        cfgs = [make_config(step, c) for c in configs]
+    except Exception as e:   # noqa: BLE001 - a bad table: every member fails with it
+        msg = f"{type(e).__name__}: {e}"
+        return [{"outcome": "failed", "run_id": None, "seconds": 0.0, "error": msg} for _ in configs]
+    records = [ws.start_run(step, config_dict(c), sweep=sweep) for c in cfgs]
+
+    def failed(r, e: BaseException) -> Outcome:
+        msg = f"{type(e).__name__}: {e}"
+        if not isinstance(e, (WorkbenchError, KeyboardInterrupt)):
+            msg += "\n" + "".join(traceback.format_exception(e, limit=8))
+        ws.finish_run(r, "failed", error=msg)
+        return {"outcome": "failed", "run_id": r.id, "seconds": time.time() - t0, "error": msg}
+    try:
+        results = STEPS[step].config_cls.sweep_group["run"](cfgs)
+    except BaseException as e:
+        outs = [failed(r, e) for r in records]
+        if not isinstance(e, Exception):
+            raise
+        return outs
+    secs, outs = time.time() - t0, []
+    for r, res in zip(records, results):
+        if isinstance(res, BaseException):
+            outs.append(failed(r, res))
+            continue
+        res.metrics.setdefault("seconds", round(secs, 3))
+        res.metrics["one_pass_saes"] = float(len(cfgs))
+        ws.finish_run(r, "done", metrics=res.metrics, artifacts=res.artifacts)
+        outs.append({"outcome": "done", "run_id": r.id, "seconds": secs, "error": None})
+    return outs
+
+
+def _group_todo(p: Plan, n: Node, outcomes: dict[str, Outcome], busy: set[str] = frozenset()) -> list[Node]:
+    """The members of n's one-pass group still to run (n first); [n] when n is in no group."""
+    keys = p.groups.get(n.key, [n.key])
+    return [n] + [p.nodes[k] for k in keys if k != n.key and k not in outcomes and k not in busy
+                  and p.nodes[k].status != "done" and _blocked(p.nodes[k], outcomes) is None]
+
+
 # --------------------------------------------------------------------------- executors
 class _Progress:
     def __init__(self, p: Plan, show: bool):
@@ -107,10 +160,20 @@ def _execute_local(p: Plan, progress: _Progress, t_start: float) -> dict[str, Ou
     outcomes: dict[str, Outcome] = {}
     ws_root = str(p.workspace.root)
     for n in p.order():
+        if n.key in outcomes:            # trained earlier with its one-pass group
+            progress(n, outcomes[n.key])
+            continue
         if n.status == "done":
             outcomes[n.key] = {"outcome": "cached", "run_id": n.run_id, "seconds": 0.0, "error": None}
         elif (why := _blocked(n, outcomes)) is not None:
             outcomes[n.key] = {"outcome": "skipped", "run_id": None, "seconds": 0.0, "error": why}
+        elif len(group := _group_todo(p, n, outcomes)) > 1:
+            for m in group:
+                _prepare(p, m, t_start)
+            progress.start(n)
+            for m, o in zip(group, _run_group_here(n.step, [m.config for m in group], ws_root, p.spec.name,
+                                                   p.spec.imports)):
+                outcomes[m.key] = o
         else:
             _prepare(p, n, t_start)
             progress.start(n)
@@ -140,26 +203,38 @@ def _execute_ray(p: Plan, progress: _Progress, t_start: float, address: str | No
         else:
             ray.init(include_dashboard=False)
     n_gpus = float(ray.cluster_resources().get("GPU", 0))
-    task = ray.remote(_run_node_here)
+    task, group_task = ray.remote(_run_node_here), ray.remote(_run_group_here)
     ws_root = str(p.workspace.root)
     outcomes: dict[str, Outcome] = {}
     waiting = list(p.order())
-    running: dict[Any, Node] = {}
+    running: dict[Any, list[Node]] = {}
     while waiting or running:
         still = []
+        busy = {m.key for ms in running.values() for m in ms}
         for n in waiting:
-            if n.status == "done":
+            if n.key in outcomes:        # trained with its one-pass group
+                continue
+            if n.key in busy:
+                still.append(n)
+            elif n.status == "done":
                 outcomes[n.key] = {"outcome": "cached", "run_id": n.run_id, "seconds": 0.0, "error": None}
                 progress(n, outcomes[n.key])
             elif (why := _blocked(n, outcomes)) is not None:
                 outcomes[n.key] = {"outcome": "skipped", "run_id": None, "seconds": 0.0, "error": why}
                 progress(n, outcomes[n.key])
             elif all(outcomes.get(d, {}).get("outcome") in ("cached", "done") for d in n.deps):
-                _prepare(p, n, t_start)
+                group = _group_todo(p, n, outcomes, busy)
+                for m in group:
+                    _prepare(p, m, t_start)
                 progress.start(n)
-                ref = task.options(**_ray_resources(p, n, n_gpus)).remote(
-                    n.step, n.config, ws_root, p.spec.name, p.spec.imports)
-                running[ref] = n
+                if len(group) > 1:
+                    ref = group_task.options(**_ray_resources(p, n, n_gpus)).remote(
+                        n.step, [m.config for m in group], ws_root, p.spec.name, p.spec.imports)
+                else:
+                    ref = task.options(**_ray_resources(p, n, n_gpus)).remote(
+                        n.step, n.config, ws_root, p.spec.name, p.spec.imports)
+                running[ref] = group
+                busy |= {m.key for m in group}
             else:
                 still.append(n)
         if len(still) == len(waiting) and not running and still:
@@ -168,16 +243,19 @@ def _execute_ray(p: Plan, progress: _Progress, t_start: float, address: str | No
         if running:
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
-                n = running.pop(ref)
+                group = running.pop(ref)
                 try:
-                    o = ray.get(ref)
+                    got = ray.get(ref)
                 except Exception as e:   # noqa: BLE001 - the worker died (OOM, node lost)
-                    o = {"outcome": "failed", "run_id": None, "seconds": 0.0,
-                         "error": f"Ray task lost: {type(e).__name__}: {e}"}
-                if o["outcome"] == "failed":
-                    o["run_id"] = _latest_run_id(p, n)
-                outcomes[n.key] = o
-                progress(n, o)
+                    got = {"outcome": "failed", "run_id": None, "seconds": 0.0,
+                           "error": f"Ray task lost: {type(e).__name__}: {e}"}
+                got = got if isinstance(got, list) else [got] * len(group)
+                for n, o in zip(group, got):
+                    o = dict(o)
+                    if o["outcome"] == "failed" and not o.get("run_id"):
+                        o["run_id"] = _latest_run_id(p, n)
+                    outcomes[n.key] = o
+                    progress(n, o)
     return outcomes
 
 
@@ -235,6 +313,10 @@ def dry_run_text(p: Plan) -> str:
     lines += [f"{a:{w[0]}}  {b:{w[1]}}  {c}" for a, b, c in rows]
     counts = {k: sum(r[0] == k for r in rows) for k in ("done", "pending", "redo", "failed")}
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    groups = {tuple(g) for g in p.groups.values()}
+    if groups:
+        lines.append(f"one pass: {len(groups)} group(s) of steps trained together "
+                     f"({', '.join(str(len(g)) for g in sorted(groups))} each)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ PAGES = [
     ("features.py", "Features", "features", ":material/lightbulb:"),
     ("compare.py", "Compare", "compare", ":material/grid_on:"),
     ("match.py", "Match SAEs", "match", ":material/join_inner:"),
+    ("geometry.py", "Geometry", "geometry", ":material/blur_circular:"),
     ("interventions.py", "Interventions", "interventions", ":material/tune:"),
     ("run.py", "Run", "run", ":material/play_arrow:"),
     ("export.py", "Export", "export", ":material/download:"),

@@ -1,6 +1,7 @@
 """Result folders for the pages, read ONLY through each kind's typed reader next to its writer
 (`workbench.steps.pca.read_pca_result`, `...compare.read_compare_result`, `..._sae_eval.read_sae_eval_result`,
-`...sae.read_export_result`, `...features.load_features`), cached per folder version (the mtime of
+`...sae.read_export_result`, `...features.load_features`, `...multid.read_multid_result`,
+`...subspace.read_subspace_result`), cached per folder version (the mtime of
 result.json), so a rerun step is read afresh."""
 
 from __future__ import annotations
@@ -48,6 +49,28 @@ def _sae_eval(path: str, key: int):
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _pca_model(path: str, key: int):
     return pca(path).pca()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _multid(path: str, key: int):
+    from workbench.steps.multid import read_multid_result
+    return read_multid_result(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _subspace(path: str, key: int):
+    from workbench.steps.subspace import read_subspace_result
+    return read_subspace_result(path)
+
+
+def multid(path: str | os.PathLike):
+    """The `MultidResult` of a multid folder (WorkbenchError when missing or of another kind)."""
+    return _multid(str(path), common.stamp(Path(path), "result.json", "tensors.safetensors", "tokens.json"))
+
+
+def subspace(path: str | os.PathLike):
+    """The `SubspaceResult` of a subspace folder (WorkbenchError when missing or of another kind)."""
+    return _subspace(str(path), _key(path))
 
 
 def pca(path: str | os.PathLike):

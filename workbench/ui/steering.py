@@ -18,8 +18,11 @@ SHIFT_COLUMNS = ["position", "phase", "token", "next_token", "p_clean", "p_steer
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
 def model(spec: str):
+    from workbench._fast_decode import prepare
     from workbench.models import load_model
-    return load_model(spec, device="cpu")
+    m = load_model(spec, device="cpu")
+    prepare(m)          # the fast decode path, checked now rather than on the first steering answer
+    return m
 
 
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=2)
@@ -79,6 +82,6 @@ def show_steering(prompt: str, df, attrs: dict, title: str | None = None) -> Non
     right.markdown(f"**steered** ({title or ', '.join(attrs['edits'])})")
     right.code(prompt + attrs["steered"], language=None, wrap_lines=True)
     st.caption(f"next-token probability shifts along the unsteered text · mean KL(clean || steered) = "
-               f"{attrs['mean_kl']:.4f} nats")
+               f"{attrs['mean_kl']:.4f} nats · decoded on the {attrs.get('path', 'bridge')} path")
     st.bar_chart(df.set_index("position")["kl"], height=180)
     st.dataframe(df[SHIFT_COLUMNS], hide_index=True, width="stretch")
