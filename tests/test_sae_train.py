@@ -256,7 +256,8 @@ def test_train_sae_cli_under_torchrun_writes_once(tmp_path):
     ws = Workspace(tmp_path / "ws")
     X = _data(n=4096)
     s = write_store(ws.root / "stores" / "s", {"blocks.0.hook_resid_post": X},
-                    token_ids=torch.zeros(32, 128, dtype=torch.long), attention_mask=torch.ones(32, 128, dtype=torch.bool),
+                    token_ids=torch.zeros(32, 128, dtype=torch.long),
+                    attention_mask=torch.ones(32, 128, dtype=torch.bool),
                     doc_ids=torch.arange(32), seq_index=torch.arange(32).repeat_interleave(128),
                     position=torch.arange(128).repeat(32), model_name="tiny-random")
     out = ws.root / "saes" / "t"
