@@ -159,19 +159,23 @@ def _free_ports(n):
             s.close()
 
 
-def test_ddp_gloo_two_processes_equal_one(tmp_path):
+def _join_or_fail(ctx, what: str, limit: float = 240) -> None:
     import time
+    deadline = time.time() + limit
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish within {limit:.0f} s")
+
+
+def test_ddp_gloo_two_processes_equal_one(tmp_path):
     import torch.multiprocessing as mp
     X = _data(n=2048)
     out = tmp_path / "ddp.pt"
     ctx = mp.start_processes(_ddp_worker, args=(2, _free_ports(len(DDP_ARCHS)), X, str(out)), nprocs=2,
                              join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process gloo training did not finish within 240 s")
+    _join_or_fail(ctx, "2-process gloo training")
     got = torch.load(out, weights_only=True)
     for arch in DDP_ARCHS:
         ref = train_sae(X, **_ddp_kw(arch))
@@ -249,7 +253,6 @@ def _cli_worker(rank, world, port, store, out, ws):
 @pytest.mark.slow
 def test_train_sae_cli_under_torchrun_writes_once(tmp_path):
     """`torchrun -m workbench train-sae STORE`: every rank trains, rank 0 alone writes the SAE and the run row."""
-    import time
     import torch.multiprocessing as mp
     from workbench.store import write_store
     from workbench.workspace import Workspace
@@ -263,12 +266,7 @@ def test_train_sae_cli_under_torchrun_writes_once(tmp_path):
     out = ws.root / "saes" / "t"
     ctx = mp.start_processes(_cli_worker, args=(2, _free_ports(1)[0], str(s.path), str(out), str(ws.root)),
                              nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process train-sae did not finish within 240 s")
+    _join_or_fail(ctx, "2-process train-sae")
     assert (out / "cfg.json").exists() and not (out / ".checkpoints").exists()
     runs = ws.runs(step="train_sae")
     assert len(runs) == 1 and runs[0].status == "done", runs

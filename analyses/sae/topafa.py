@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAE, SparseActs, TrainStepInput, TrainStepOutput, _GatherPreActs, sparse_decode
+from .base import SAE, SparseActs, TrainStepInput
+from .topk import TopKSAE
 from .registry import register_arch
 
 
@@ -48,9 +49,12 @@ def afa_mask(acts: torch.Tensor, dec_norms: torch.Tensor, target: torch.Tensor) 
 
 
 @register_arch
-class TopAFASAE(SAE):
+class TopAFASAE(TopKSAE):
+    """TopK's training step (sparse backward, AuxK) with the AFA selection in place of a fixed k."""
     arch = "topafa"
     saelens_arch = "topafa"             # native: SAELens has no top-AFA activation
+    sparse_codes = False
+    uses_k = False
     options = ("afa_coef", "aux_k", "aux_coef", "dead_tokens")
 
     @classmethod
@@ -61,6 +65,9 @@ class TopAFASAE(SAE):
     def _mask(self, x_in: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return afa_mask(pre.relu(), self.W_dec.detach().norm(dim=1), x_in.detach().norm(dim=-1))
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseActs:
+        return SAE.encode_sparse(self, x)      # the non-zeros of encode (TopK's assumes a fixed k)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_in = self._x_in(x.reshape(-1, self.cfg.d_in))
@@ -68,27 +75,16 @@ class TopAFASAE(SAE):
         f = pre.relu() * self._mask(x_in, pre)
         return f.reshape(*shape[:-1], self.cfg.d_sae)
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        x = inp.x.to(self.dtype)
-        with torch.no_grad():
-            x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-            pre = x_in @ self.W_enc + self.b_enc
-            acts = SparseActs.from_mask(pre, self._mask(x_in, pre))
-        vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
-                                    self.cfg.apply_b_dec_to_input).relu()
-        acts.values = vals
-        x_hat = sparse_decode(acts, self.W_dec, self.b_dec)
-        residual = x - x_hat
-        sq = residual.pow(2).sum()
-        mse = sq / inp.denom
+    def _select(self, pre: torch.Tensor, inp: TrainStepInput) -> SparseActs:
+        acts = SparseActs.from_mask(pre, self._mask(self._x_in(inp.x), pre))
+        acts.values = torch.empty(0, device=pre.device)
+        return acts
+
+    def _extra_losses(self, inp, acts, x, losses) -> torch.Tensor:
+        """afa_coef * L_AFA: (||f|| - ||x - b_dec||)^2 per token, scaled like the reconstruction term."""
+        vals = acts.values
         f_sq = torch.zeros(x.shape[0], dtype=vals.dtype, device=x.device).index_add(0, acts.rows, vals.pow(2))
-        f_norm = f_sq.clamp_min(1e-30).sqrt()
-        afa = (f_norm - x_in.norm(dim=-1)).pow(2).sum() * self.cfg.d_in / inp.denom
-        aux = self._aux_loss(inp, pre, x_in, residual)
-        loss = mse + self.cfg.afa_coef * afa + aux
-        with torch.no_grad():
-            live = vals.detach() > 0
-            counts = torch.zeros(self.cfg.d_sae, device=x.device, dtype=torch.float32).index_add_(
-                0, acts.indices, live.float())
-        return TrainStepOutput(loss=loss, losses={"mse": mse.detach(), "afa": afa.detach(), "aux": aux.detach()},
-                               x_hat=x_hat.detach(), counts=counts, l0_sum=live.sum(), sq_err=sq.detach())
+        afa = (f_sq.clamp_min(1e-30).sqrt() - self._x_in(x).detach().norm(dim=-1)).pow(2).sum() \
+            * self.cfg.d_in / inp.denom
+        losses["afa"] = afa
+        return self.cfg.afa_coef * afa
