@@ -30,11 +30,12 @@ Measured (CPU, 1 thread, shared 2-core machine under load avg ~6; defaults; 1 mi
         sklearn full                  22.64   9.24     28    384  228.446   7.6e-08
     (b) TwoNN, 4000 x 576: ours 1.13 s, NearestNeighbors (brute) + numpy 0.63 s (ratio 0.55); dimension
         26.379791 both (|diff| 5e-14), neighbour distances equal to 3e-13.
-    (c) multid, 10000 tokens x 256, 154 latents, 18 clusters (36 PC pairs): whole step 16.44 s (913 ms per
-        cluster), annealing off 12.46 s (692 ms), naive loop 7.00 s (389 ms; ratio 0.43). Same clusters,
+    (c) multid, 10000 tokens x 256, 154 latents, 18 clusters (36 PC pairs), after the numpy grid search: whole
+        step 15.97 s (887 ms per cluster), annealing off 7.10 s (394 ms), naive loop 9.16 s (509 ms;
+        ratio 0.57; `--only multid`, load avg 7.8). Same clusters,
         same ranking; explained-variance ratios within 4e-8 (our codes are float32), S within 1.3e-5 bits,
         M equal on 36/36 pairs (the annealing never beat the grid here), irreducibility within 1.4e-6.
-        Where the step's time goes (cProfile, annealing off): _grid_mixture 9.9 of 14.5 s (its batched
+        Where the step's time went before the grid search moved to numpy (cProfile, annealing off): _grid_mixture 9.9 of 14.5 s (its batched
         torch.searchsorted 7.2 s; the numpy per-direction loop is ~3x faster on the same pair), loading a
         tokenizer for the model name 3.2 s.
     --store (a demo store of smollm2-135m) --hook blocks.6.hook_mlp_out --rand-k 64: 24576 x 576, all rows
