@@ -35,7 +35,7 @@ Measured (CPU, 1 thread, shared 2-core machine under load avg ~6; defaults; 1 mi
         ratio 0.57; `--only multid`, load avg 7.8). Same clusters,
         same ranking; explained-variance ratios within 4e-8 (our codes are float32), S within 1.3e-5 bits,
         M equal on 36/36 pairs (the annealing never beat the grid here), irreducibility within 1.4e-6.
-        Where the step's time went before the grid search moved to numpy (cProfile, annealing off): _grid_mixture 9.9 of 14.5 s (its batched
+        Before the grid search moved to numpy (cProfile, annealing off): _grid_mixture 9.9 of 14.5 s (batched
         torch.searchsorted 7.2 s; the numpy per-direction loop is ~3x faster on the same pair), loading a
         tokenizer for the model name 3.2 s.
     --store (a demo store of smollm2-135m) --hook blocks.6.hook_mlp_out --rand-k 64: 24576 x 576, all rows
