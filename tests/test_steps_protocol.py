@@ -240,3 +240,16 @@ def test_one_atomic_write(tmp_path, monkeypatch):
         assert tmp_of(name), (name, synced)
     left = [p for p in tmp_path.rglob("*.tmp")]
     assert not left, left
+
+
+def test_every_command_help_prints(capsys):
+    """`workbench --help` and each command's --help render (argparse %-formats help text: a literal
+    "99%" in a step's help once crashed the top-level help)."""
+    import pytest
+    from workbench.cli import build_parser, main
+    names = ["", *[c for c in build_parser()._subparsers._group_actions[0].choices]]
+    for name in names:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"] if name else ["--help"])
+        assert e.value.code == 0, name
+        assert "usage: workbench" in capsys.readouterr().out

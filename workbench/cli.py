@@ -34,7 +34,7 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
         helptext = md.get("help", "")
         if has_default and default not in (None, "", []) and base is not bool:
             helptext += f" (default: {default})"
-        kw: dict[str, Any] = {"help": helptext, "dest": f.name}
+        kw: dict[str, Any] = {"help": helptext.replace("%", "%%"), "dest": f.name}
         if md.get("choices"):
             kw["choices"] = md["choices"]
         names = [_opt(f.name), *(md.get("flag") or [])]
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ------------------------------------------------------------- step commands
     for name, st in steps.STEPS.items():
-        p = sub.add_parser(name.replace("_", "-"), parents=[common], help=st.help, description=st.help)
+        h = st.help.replace("%", "%%")     # argparse %-formats help strings ("99% variance")
+        p = sub.add_parser(name.replace("_", "-"), parents=[common], help=h, description=h)
         add_config_arguments(p, st.config_cls)
         if not any(f.name == "workspace" for f in dataclasses.fields(st.config_cls)):
             p.add_argument("--workspace", default=None,
