@@ -8,14 +8,14 @@ from typing import Any
 
 def parse(doc: str | None, **defaults: Any) -> argparse.Namespace:
     """`--some-name` for every keyword `some_name=default`; the option's type follows the default
-    (a list takes that many values, a tuple ``(default, [choices])`` restricts the choices)."""
+    (a list takes one or more values, a tuple ``(default, [choices])`` restricts the choices)."""
     ap = argparse.ArgumentParser(description=doc)
     for name, default in defaults.items():
         flag, kw = "--" + name.replace("_", "-"), {}
         if isinstance(default, tuple):
             default, kw["choices"] = default
         if isinstance(default, list):
-            kw.update(nargs=len(default), type=type(default[0]))
+            kw.update(nargs="+", type=type(default[0]))
         elif isinstance(default, bool):
             kw["action"] = "store_false" if default else "store_true"
         elif default is not None:

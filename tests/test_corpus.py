@@ -338,3 +338,22 @@ def test_cut_points():
     assert _cut("aaaa bbbb cccc dd") == len("aaaa bbbb cccc")       # else before a space
     assert _cut("x" * 16 + " bb;\n\n  cccc;") == 16       # never after "b;" (punctuation)
     assert _cut("a" * 10) == 0                                     # no place: read more first
+
+
+def test_corpus_epochs_repeat_with_same_ids(tmp_path):
+    """``SPEC*N`` yields the corpus N times with the same document ids (a held-out document is held
+    out of every epoch) and is fingerprinted with its epochs."""
+    import pytest
+    from workbench.corpus import corpus_fingerprint, iter_documents
+    from workbench.errors import WorkbenchError
+    f = tmp_path / "c.txt"
+    f.write_text("alpha one\nbeta two\ngamma three\n")
+    once = [(d.id, d.text) for d in iter_documents(f"{f}:lines")]
+    thrice = [(d.id, d.text) for d in iter_documents(f"{f}:lines*3")]
+    assert len(once) == 3 and thrice == once * 3
+    assert corpus_fingerprint(f"{f}:lines*3")["epochs"] == 3
+    assert "epochs" not in corpus_fingerprint(f"{f}:lines")
+    with pytest.raises(WorkbenchError, match="must be >= 1"):
+        iter_documents(f"{f}:lines*0")
+    cal = [d.id for d in iter_documents("calendar*2")]
+    assert cal == list(range(len(cal) // 2)) * 2

@@ -373,6 +373,7 @@ def test_cli_steer_and_attribute(tiny, sae_dir, capsys):
                  "--value", "80", "--mode", "add", "--prompt", TEXT, "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["edits"] == ["latent 3 add 80", "latent 4 add 80"] and "steered" in out and "unsteered" in out
+    assert out["decode_path"] in ("fast", "bridge")
     assert main(["attribute", "--sae", str(sae_dir), "--text", TEXT, "--n-exact", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["agreement"]["n"] == 3 and out["metric"] == "loss"

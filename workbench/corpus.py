@@ -12,6 +12,9 @@ Corpus specs (``iter_documents(spec)``):
   template sentences about weekdays, months and years ("Two days from Monday is Wednesday.", "She was
   born in March 1987."), ~60k tokens; for looking for the weekday / month circles of Engels et al. 2024
   (``workbench multid``). Not natural text: mix it with ``builtin`` stores for anything else.
+- ``SPEC*N`` (e.g. ``builtin*4``) — any of these N times over, as epochs: the same documents with
+  the same ids each time (so the held-out split holds a document out of every epoch). For runs
+  longer than a small corpus; say so when reporting (the rows repeat).
 - ``PATH.txt`` — one document (the whole file); ``PATH.txt:lines`` — one document per non-empty
   line; ``PATH.txt:paragraphs`` — one per blank-line-separated paragraph.
 - ``FOLDER[:field]`` — every ``*.txt`` / ``*.md`` / ``*.jsonl`` file below it, sorted by path: a
@@ -62,7 +65,7 @@ from .errors import NotFound, WorkbenchError
 
 SPEC_HELP = ("a corpus is 'builtin', 'calendar' (synthetic weekday/month/year sentences), a .txt file "
              "(optionally :lines or :paragraphs), a folder of "
-             ".txt/.md files, FILE.jsonl[:field], or hf:NAME[:split[:field]]")
+             ".txt/.md files, FILE.jsonl[:field], or hf:NAME[:split[:field]]; SPEC*N repeats it N times (epochs)")
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "ensurepip", "lib2to3", "site-packages",
               "dist-packages", "__pycache__", "pydoc_data", "__phello__"}
@@ -91,9 +94,30 @@ class Window:
 # ------------------------------------------------------------------------------- documents
 def iter_documents(spec: str) -> Iterator[Document]:
     """Documents of a corpus spec, with ids 0.. in order. Raises at once for a bad spec or a
-    missing file (before yielding anything)."""
-    source = _source(spec)   # validates eagerly
-    return _number(source)
+    missing file (before yielding anything). ``SPEC*N``: the corpus N times over (epochs), each
+    epoch with the same document ids, so a held-out document stays held out in every epoch."""
+    base, epochs = split_epochs(spec)
+    source = _source(base)   # validates eagerly
+    if epochs == 1:
+        return _number(source)
+    return _epochs(base, source, epochs)
+
+
+def split_epochs(spec: str) -> tuple[str, int]:
+    """``("builtin", 4)`` for ``"builtin*4"``; ``(spec, 1)`` without a ``*N`` suffix."""
+    if isinstance(spec, str) and (m := re.fullmatch(r"(.+?)\*(\d+)", spec.strip())) and \
+            not Path(spec.strip()).exists():
+        n = int(m.group(2))
+        if n < 1:
+            raise WorkbenchError(f"corpus {spec!r}: the repeat count after '*' must be >= 1")
+        return m.group(1), n
+    return spec, 1
+
+
+def _epochs(base: str, first: Iterator, epochs: int) -> Iterator[Document]:
+    yield from _number(first)
+    for _ in range(epochs - 1):
+        yield from _number(_source(base))
 
 
 def _number(texts: Iterable[tuple[str, Any]]) -> Iterator[Document]:
@@ -143,6 +167,9 @@ def corpus_fingerprint(spec: str) -> dict[str, Any]:
     """What identifies a corpus for resuming and provenance: the spec plus, for files, their size
     and modification time; for builtin, the Python version whose stdlib it reads."""
     fp: dict[str, Any] = {"spec": spec}
+    spec, epochs = split_epochs(spec)
+    if epochs > 1:
+        fp["epochs"] = epochs
     if spec == "builtin":
         fp["python"] = sys.version.split()[0]
     elif spec == "calendar":

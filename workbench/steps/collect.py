@@ -17,7 +17,7 @@ class CollectConfig:
         "'blocks.{6,15}.hook_resid_post'", role="hooks"))
     corpus: str = field(default="builtin", metadata=arg(
         "builtin, calendar (synthetic weekday/month/year sentences), a .txt file (:lines / :paragraphs) or "
-        "folder, FILE.jsonl[:field], hf:NAME[:split[:field]]"))
+        "folder, FILE.jsonl[:field], hf:NAME[:split[:field]]; SPEC*N: N epochs of it (same document ids)"))
     max_tokens: int = field(default=50_000, metadata=arg("number of token rows to collect"))
     seq_len: int = field(default=128, metadata=arg("tokens per window (one document per window)"))
     batch_size: int = field(default=16, metadata=arg("windows per forward pass"))

@@ -96,6 +96,7 @@ def steer_step(cfg: SteerConfig) -> StepResult:
     shifts = df.reindex(df["kl"].abs().sort_values(ascending=False).index).head(5)
     summary = {"model": a["model"], "hook": a["hook"], "edits": a["edits"], "prompt": cfg.prompt,
                "unsteered": a["unsteered"], "steered": a["steered"], "mean_kl": a["mean_kl"],
+               "decode_path": a.get("path", "bridge"),      # fast HF decode or the TransformerLens bridge
                "largest_shifts": shifts[["position", "token", "next_token", "p_clean", "p_steered", "kl",
                                          "top_up"]].to_dict("records")}
     data = {k: v for k, v in summary.items() if k != "largest_shifts"}
