@@ -253,15 +253,3 @@ def test_sae_checkpoint_out_of_disk_keeps_the_last_one_and_resumes(tmp_path, mon
     assert main([*args, "--out", str(tmp_path / "x")]) == 0           # rerun resumes
     for h in HOOKS:
         assert _same(load_sae(tmp_path / "x" / f"topk-{h}-32"), load_sae(tmp_path / "ref" / f"topk-{h}-32"))
-
-
-def test_one_pass_refuses_torchrun(tmp_path, monkeypatch, capsys):
-    """Under torchrun every rank would train and write every SAE of a grid: refused, before any work."""
-    from workbench.cli import main
-    _store(tmp_path / "st")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    rc = main(["train-sae", str(tmp_path / "st"), "--hooks", "blocks.{0,1}.hook_resid_post", "--d-sae", "32",
-               "--k", "4", "--batch-size", "64", "--out", str(tmp_path / "g")])
-    assert rc == 2 and "not under torchrun (world size 2)" in capsys.readouterr().err
-    assert not any((tmp_path / "g").rglob("checkpoint.pt"))

@@ -22,6 +22,14 @@ holds what ``collect`` would for the same corpus prefix and a later run can trai
 do not change. A DIR holding a store of other settings (model, hooks, corpus, seq_len, buffer, holdout) is
 refused naming what differs; a partial one of the same settings is resumed (missing chunks are computed on
 the way), a complete one is reused as it is (nothing rewritten).
+
+Under torchrun (a process group initialised before the first forward; ``train-sae`` does it), the forward
+work is split: for each chunk, rank r runs the model on its contiguous share of the chunk's windows and the
+rows are all-gathered in rank order, so every rank holds exactly the chunk one process computes (same rows,
+same order) and serves the same batches. ``heldout_batches`` is split the same way (every rank must iterate
+it alike). ``--keep-store`` is rank 0's alone: only rank 0 opens or writes the folder, and the extra forward
+of a chunk's held-out windows (and, when resuming a partial kept store, of the chunks skipped to reach the
+resume point) runs on rank 0 alone, unsplit. ``n_forward_tokens`` counts this rank's own rows.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from typing import Any, Iterator
 
 import torch
 
+from analyses.sae.base import SINGLE, Collective
 from analyses.sae.multi import SourceExhausted
+from analyses.sae.train import current_collective
 
 from .corpus import iter_documents, pack
 from .errors import WorkbenchError
@@ -69,9 +79,9 @@ class ModelStream:
         self.holdout, self.holdout_seed = float(holdout), int(holdout_seed)
         self.windows_per_chunk = max(1, buffer_tokens // 2 // seq_len)
         self.forward_batch = forward_batch
-        self.n_forward_tokens = 0          # rows computed (for benchmarks)
+        self.n_forward_tokens = 0          # rows computed by this process (for benchmarks, data parallel)
         self.writer, self.kept = None, None
-        if keep_store:
+        if keep_store and _rank() == 0:    # under torchrun rank 0 alone touches the kept store
             self._open_keep(keep_store)
 
     # ----- --keep-store
@@ -114,7 +124,8 @@ class ModelStream:
             return
         train, every = item
         held = [w for _, w, h in every if h]
-        blocks = _blocks(train, acts, keep) + (_blocks(held, *self._forward(held, meta=True)) if held else [])
+        blocks = _blocks(train, acts, keep) + \
+            (_blocks(held, *self._forward(held, meta=True, split=False)) if held else [])   # rank 0 only
         idx = [i for i, _, h in every if not h] + [i for i, _, h in every if h]
         blocks = [b for _, b in sorted(zip(idx, blocks), key=lambda t: t[0])]      # corpus order
         wins = [b[0] for b in blocks]
@@ -174,9 +185,21 @@ class ModelStream:
                   bos_id=int(p.bos) if p.prepend_bos else None)
         return (w for w in ws if is_heldout(w.doc_id, self.holdout, self.holdout_seed) == heldout)
 
-    def _forward(self, windows: list, meta: bool = False):
+    def _forward(self, windows: list, meta: bool = False, split: bool = True):
         """{hook: rows} of the windows (kept tokens, window by window); with ``meta`` also the keep mask
-        [n_windows, seq_len] saying which token each row is."""
+        [n_windows, seq_len] saying which token each row is. With ``split`` under a process group, this
+        rank computes its contiguous share of the windows and the rows are all-gathered (every rank must
+        call it alike); ``split=False`` computes them all here (rank 0's --keep-store extras)."""
+        coll = current_collective() if split else SINGLE
+        if coll.world_size == 1:
+            out, keep = self._forward_local(windows)
+        else:
+            n, w, r = len(windows), coll.world_size, coll.rank
+            lo, hi = (i * (n // w) + min(i, n % w) for i in (r, r + 1))
+            out, keep = _gather(coll, *self._forward_local(windows[lo:hi]), self.widths)
+        return (out, keep) if meta else out
+
+    def _forward_local(self, windows: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         from .collector import _batch_rows
         p = self.plan
         pad = self.model.special_ids.get("pad")
@@ -196,9 +219,7 @@ class ModelStream:
             del acts
         out = {h: torch.cat(v) if v else torch.zeros(0, self.widths[h]) for h, v in parts.items()}
         self.n_forward_tokens += int(next(iter(out.values())).shape[0])
-        if meta:
-            return out, torch.cat(keeps) if keeps else torch.zeros(0, p.seq_len, dtype=torch.bool)
-        return out
+        return out, torch.cat(keeps) if keeps else torch.zeros(0, p.seq_len, dtype=torch.bool)
 
     def _gen(self, *tag: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + tag[0] * 8 + tag[1]) % (2 ** 62))
@@ -208,7 +229,8 @@ class ModelStream:
         return _Reader(self, batch_size, int(pos[0]), int(pos[1]))
 
     def heldout_batches(self, batch_size: int, max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Held-out documents' rows, in corpus order, up to ``max_tokens`` (the end-of-run evaluation)."""
+        """Held-out documents' rows, in corpus order, up to ``max_tokens`` (the end-of-run evaluation); the
+        forward is split across ranks under torchrun, so every rank must iterate it alike."""
         ws, done = self._windows(True), 0
         while done < max_tokens:
             chunk = list(itertools.islice(ws, self.windows_per_chunk))
@@ -242,7 +264,8 @@ class _Reader:
                     return None
                 self.chunk_index += 1
                 if self.ms.writer is not None and len(self.ms.writer.shards) == self.chunk_index:
-                    self.ms._keep_chunk(self.chunk_index, item, *self.ms._forward(item[0], meta=True))
+                    self.ms._keep_chunk(self.chunk_index, item,    # rank 0 only (it alone holds the writer)
+                                        *self.ms._forward(item[0], meta=True, split=False))
             item = next(self.chunks, None)
             self.chunk_index += 1
             if item is None:
@@ -298,3 +321,24 @@ def _blocks(windows: list, acts: dict[str, torch.Tensor], keep: torch.Tensor) ->
     """(window, {hook: its rows}) per window, from rows laid out window by window."""
     bounds = [0] + torch.cumsum(keep.sum(1), 0).tolist()
     return [(w, {h: a[bounds[j]:bounds[j + 1]] for h, a in acts.items()}) for j, w in enumerate(windows)]
+
+
+def _rank() -> int:
+    """This process's rank: the process group's, else torchrun's RANK (0 outside torchrun)."""
+    import os
+    coll = current_collective()
+    if coll.world_size > 1:
+        return coll.rank
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+
+
+def _gather(coll: Collective, out: dict[str, torch.Tensor], keep: torch.Tensor,
+            widths: dict[str, int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every rank's rows and keep masks, concatenated in rank order (ranks hold different row counts)."""
+    import torch.distributed as dist
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    hooks = list(widths)
+    flat = torch.cat([out[h] for h in hooks], 1) if len(hooks) > 1 else out[hooks[0]]
+    rows = coll.all_gather_cat(flat.to(dev)).view(-1, flat.shape[1]).cpu()
+    km = coll.all_gather_cat(keep.to(dev, torch.float32)).view(-1, keep.shape[1]).cpu().bool()
+    return dict(zip(hooks, rows.split([widths[h] for h in hooks], 1))), km

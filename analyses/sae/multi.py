@@ -20,6 +20,11 @@ own (``_Trainer._one_step``), so an SAE ends with the same weights as ``train_sa
 batches with the same seed; each resumes from its own checkpoint (SAEs that are ahead skip batches until
 the others catch up). Shared by all: ``n_tokens`` and ``batch_size`` (one stream), and the data order,
 seeded by ``data_seed`` (default: the first spec's seed, which is what ``train_sae`` uses for a tensor).
+
+Data parallel (``torchrun``, or a process group already initialised), as ``train_sae``: every rank reads
+the same global batches (the sources above are seeded, a model stream gathers its split forward), each SAE's
+step trains on this rank's slice with gradients and statistics all-reduced, rank 0 alone writes checkpoints
+and shows progress, so N ranks end with the one-process weights up to float rounding.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ from typing import Any, Callable
 
 import torch
 
-from .._util import check_finite_rows, resolve_device
+from .._util import check_finite_rows
 from ._source import SAETrainingError, _Source, _Stream, _as_batch
 from .train import (CALIBRATION_TOKENS, MAX_BATCH, RunSettings, _subspace_init, _Trainer, default_batch_size,
-                    default_dead_tokens, init_seed, make_sae)
+                    default_dead_tokens, init_seed, make_sae, setup_dist)
 from .registry import get_arch
-from .base import SINGLE
+from .base import Collective
 
 __all__ = ["train_saes", "SourceExhausted"]
 log = logging.getLogger(__name__)
@@ -189,9 +194,20 @@ def train_saes(source: Any, specs: list[dict], n_tokens: int | None = None, batc
         get_arch(s.get("arch", "topk"))
         if s.get("lr") is not None and not float(s["lr"]) > 0:
             raise ValueError(f"spec {i}: lr must be > 0, got {s['lr']!r}")
-    _refuse_data_parallel()
+    coll, own_pg, dev = setup_dist(device)      # data parallel under torchrun (see the module docstring)
+    try:
+        return _train(source, specs, n_tokens, batch_size, dev, coll, checkpoint_every,
+                      progress if coll.rank == 0 else False, data_seed, autocast, calibration_tokens, log_every,
+                      callback, on_error)
+    finally:
+        if own_pg:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(source, specs, n_tokens, batch_size, dev, coll, checkpoint_every, progress, data_seed, autocast,
+           calibration_tokens, log_every, callback, on_error) -> list:
     dseed = int(specs[0].get("seed", 0) if data_seed is None else data_seed)
-    dev = resolve_device(device)
     if _is_stream(source):
         if n_tokens is None:
             raise ValueError("n_tokens is needed with a stream source (it is never counted in advance)")
@@ -207,28 +223,16 @@ def train_saes(source: Any, specs: list[dict], n_tokens: int | None = None, batc
         batch_size = default_batch_size(int(n_tokens) if n_tokens is not None else src.flat.count_rows())
         if not _is_stream(source):
             src.flat.chunk = src.inner.chunk = batch_size
-    drv = _Driver(src, batch_size, dev)
+    drv = _Driver(src, batch_size, dev, coll)
     trainers = []
     for i, s in enumerate(specs):
         trainers.append(drv.build(i, s, n_tokens, checkpoint_every, autocast, calibration_tokens, log_every))
     return drv.run(trainers, progress, callback, on_error)
 
 
-def _refuse_data_parallel() -> None:
-    """Many SAEs in one pass run in one process: under torchrun every rank would train (and write) every
-    SAE on the whole batch. Data parallel (rank 0 writes) is ``train_sae``'s, one SAE per command."""
-    import torch.distributed as dist
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
-        int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise ValueError(f"many SAEs in one pass (several hooks / widths / k / seeds, or straight from the model) "
-                         f"run in one process, not under torchrun (world size {world}): run it without torchrun, "
-                         "or one train-sae per SAE from a store under torchrun (data parallel)")
-
-
 class _Driver:
-    def __init__(self, src: Any, batch_size: int, dev: torch.device):
-        self.src, self.B, self.dev = src, batch_size, dev
+    def __init__(self, src: Any, batch_size: int, dev: torch.device, coll: Collective):
+        self.src, self.B, self.dev, self.coll = src, batch_size, dev, coll
         self._first: dict | None = None
         self._first_reader: Any = None
         self.stream = None
@@ -264,7 +268,7 @@ class _Driver:
             _subspace_init(sae, None, init, subspace, keep, seed)
         if "dead_tokens" in type(sae).options and sae.cfg.dead_tokens is None:
             sae.cfg.dead_tokens = default_dead_tokens(run.total, self.B, sae.cfg.d_sae, sae.cfg.k)
-        tr = _MultiTrainer(sae, run, getattr(self.src, "flat", None), SINGLE, self.dev, ckpt, False, None, log_every)
+        tr = _MultiTrainer(sae, run, getattr(self.src, "flat", None), self.coll, self.dev, ckpt, False, None, log_every)
         tr.keep_basis = keep_basis.to(self.dev) if keep_basis is not None else None
         if init != "random":
             tr.fingerprint["init"] = dict(sae.cfg.metadata["workbench"]["init"])

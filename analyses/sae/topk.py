@@ -35,7 +35,7 @@ class TopKSAE(SAE):
         x = inp.x.to(self.dtype)
         with torch.no_grad():
             x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-            pre = x_in @ self.W_enc + self.b_enc
+            pre = torch.addmm(self.b_enc, x_in, self.W_enc)     # one pass over [n, d_sae], not two
             acts = self._select(pre, inp)
         vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
                                     self.cfg.apply_b_dec_to_input).relu()

@@ -76,6 +76,7 @@ FVU_WINDOW = 50            # batch FVUs kept for that median
 DENSITY_FRAC = 0.2         # firing counts (sae.sparsity) cover at least the last 20% of the run
 CALIBRATION_TOKENS = 2 ** 16   # rows for the BatchTopK inference threshold
 ADAM_BETAS = (0.0, 0.999)  # see _Trainer.start
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 DEAD_FRAC, DEAD_FIRINGS, DEAD_MAX = 0.02, 50, 10_000_000   # see default_dead_tokens
 
 
@@ -148,6 +149,30 @@ def _setup_dist(device: torch.device) -> tuple[Collective, bool]:
     return SINGLE, False
 
 
+def setup_dist(device: str | torch.device = "auto") -> tuple[Collective, bool, torch.device]:
+    """(collective, whether this call created the process group, device): ``_setup_dist`` plus, on CUDA
+    with several ranks, this rank's GPU (LOCAL_RANK) made current. Called by ``train_sae``, ``train_saes``
+    and ``train-sae``'s grid / from-the-model step (which must hold the group before the model stream's
+    first split forward); the caller that created the group destroys it (``dist.destroy_process_group``)."""
+    dev = resolve_device(device)
+    coll, own = _setup_dist(dev)
+    if coll.world_size > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", coll.rank % torch.cuda.device_count())))
+        torch.cuda.set_device(dev)
+    return coll, own, dev
+
+
+def current_collective() -> Collective:
+    """The collective of the process group initialised now (SINGLE without one, or with one rank)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return SINGLE
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistCollective()
+    return SINGLE
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
@@ -207,11 +232,7 @@ def train_sae(source: Any, arch: str = "topk", d_sae: int | None = None, k: int 
                          f"lr must be a finite number > 0, got {lr!r} (or None for the default rule)")
     if calibration_tokens < 1:
         raise ValueError(f"calibration_tokens must be >= 1, got {calibration_tokens}")
-    dev = resolve_device(device)
-    coll, own_pg = _setup_dist(dev)
-    if coll.world_size > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", coll.rank % torch.cuda.device_count())))
-        torch.cuda.set_device(dev)
+    coll, own_pg, dev = setup_dist(device)
     try:
         src = _Source(source, batch_size or MAX_BATCH, seed)
         if batch_size is None:
@@ -353,11 +374,12 @@ class _Trainer:
         dev = self.dev
         sae.to(dev)
         groups = sae.param_groups(run.lr)
-        # beta1 = 0 (no momentum), as the JumpReLU / Gemma Scope SAEs were trained (Lieberum et al. 2024);
+        # fused Adam: one kernel over each parameter instead of ~10 passes (16k x 576 SAE on 2 CPU cores:
+        # 0.14 s vs 0.74 s a step, same update up to float rounding); beta1 = 0 (no momentum), as the JumpReLU / Gemma Scope SAEs were trained (Lieberum et al. 2024);
         # measured on synthetic superposition (benchmarks/bench_sae_recovery.py, d 64, 256 true features,
         # 16 active): MMCS 0.90 with (0.9, 0.999), 0.97 with (0, 0.999); BatchTopK 0.59 -> 0.95
         self.opt = torch.optim.Adam([{"params": g["params"], "lr": run.lr * g["lr_mult"]} for g in groups],
-                                    betas=ADAM_BETAS, eps=1e-8)
+                                    betas=ADAM_BETAS, eps=1e-8, fused=dev.type in FUSED_ADAM_DEVICES)
         self.mults = [g["lr_mult"] for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         if state is None:

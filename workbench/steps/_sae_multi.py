@@ -9,7 +9,13 @@ One pass runs one model: several ``--model`` values, or hook patterns prefixed w
 ``--keep-store DIR`` (with --model) also writes the store on the way (:mod:`workbench.model_stream`).
 Out of disk while checkpointing or saving: a WorkbenchError naming the folder and the space needed; the
 checkpoints are written atomically, so a rerun resumes. Sweeps hand their groups of compatible train_sae
-nodes to :func:`train_one_pass` (see ``TrainSAEConfig.sweep_group``)."""
+nodes to :func:`train_one_pass` (see ``TrainSAEConfig.sweep_group``).
+
+Under torchrun both modes are data parallel (:func:`analyses.sae.multi.train_saes`): every rank reads the
+same global batches (from a store: same seed; from the model: each rank runs the model on its share of every
+chunk's windows and the rows are all-gathered), trains on its slice with gradients all-reduced, and ends with
+the same SAEs. Rank 0 alone writes (SAE folders, checkpoints, eval, index rows, --keep-store) and evaluates;
+every rank shares the held-out forward of a --model run. Other ranks return a summary naming rank 0."""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any
 
 from ..errors import WorkbenchError
 from ..logs import progress_stream
-from . import StepResult, default_out
+from . import StepResult, default_out, torchrun_rank
 
 
 def as_list(v: Any) -> list:
@@ -57,9 +63,23 @@ def one_model_patterns(cfg, pats: list[str], model_name: str | None) -> list[str
 
 
 def train_grid(cfg, topk_family) -> StepResult:
+    """The grid / from-the-model run; under torchrun it holds the process group (created here, before the
+    model stream's first split forward) for the whole step, evaluation included."""
+    from analyses.sae.train import setup_dist
+    coll, own_pg, dev = setup_dist(cfg.device)
+    try:
+        return _train_grid(cfg, topk_family, coll, str(dev) if coll.world_size > 1 else cfg.device)
+    finally:
+        if own_pg:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train_grid(cfg, topk_family, coll, device: str) -> StepResult:
     from analyses.sae import SAETrainingError, evaluate_sae
     from analyses.sae.multi import train_saes
     from ..hooks import select_hooks
+    rank = coll.rank
     pats = [p for h in as_list(cfg.hook) for p in ([h] if h else [])]
     model_mode = bool(getattr(cfg, "model", ""))
     if model_mode:
@@ -73,7 +93,7 @@ def train_grid(cfg, topk_family) -> StepResult:
         pats = one_model_patterns(cfg, pats, model_spec)      # before loading anything
         if not pats:
             raise WorkbenchError("--model needs --hooks (e.g. 'blocks.{3,6}.hook_resid_post')")
-        model = load_model(model_spec, device=cfg.device)
+        model = load_model(model_spec, device=device)
         hooks = model.resolve_hooks(pats)
         ms = ModelStream(model, hooks, cfg.corpus, seq_len=cfg.seq_len, buffer_tokens=cfg.buffer_tokens,
                          seed=as_list(cfg.seed)[0], holdout=cfg.holdout, holdout_seed=cfg.holdout_seed,
@@ -116,8 +136,10 @@ def train_grid(cfg, topk_family) -> StepResult:
         if (out / "cfg.json").exists():
             if not cfg.overwrite:
                 raise WorkbenchError(f"{out} already holds an SAE; pass --overwrite or choose another --out")
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+            if rank == 0:
+                shutil.rmtree(out)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
         meta = {**meta_base, "hook_name": c["hook"]}
         if not model_mode:
             meta.update(_store_meta(store, c["hook"]))
@@ -126,16 +148,27 @@ def train_grid(cfg, topk_family) -> StepResult:
         specs.append(dict(hook=c["hook"], arch=cfg.arch, d_sae=c["d_sae"], k=k, seed=c["seed"], lr=cfg.lr or None,
                           checkpoint_dir=str(out / ".checkpoints"), metadata=meta, **extra))
     from .sae import checkpoint_bytes, disk_space_guard
+    if coll.world_size > 1:       # rank 0's folders are ready (and old SAEs removed) before anyone reads them
+        import torch.distributed as dist
+        dist.barrier()
     need = sum(checkpoint_bytes(dims[s["hook"]], s["d_sae"]) for s in specs)
     try:
         with disk_space_guard(outs[0].parent, need, f"the checkpoints of {len(specs)} SAEs"):
             saes = train_saes(source, specs, n_tokens=n_tokens, batch_size=int(cfg.batch_size) or None,
-                              device=cfg.device, checkpoint_every=cfg.checkpoint_every or None,
+                              device=device, checkpoint_every=cfg.checkpoint_every or None,
                               progress=progress_stream() if cfg.progress else False, on_error="keep")
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
     kept = ms.finish_store() if model_mode else None
     rows_out, metrics, failed = [], {}, []
+    held_rows: dict = {}
+
+    def model_heldout(h: str):   # once per hook (SAEs come hook by hook); the forward is split across ranks
+        if h not in held_rows:
+            held_rows.clear()
+            held_rows[h] = [b[h] for b in ms.heldout_batches(4096, cfg.eval_tokens)] if cfg.holdout > 0 else None
+        return held_rows[h]
+
     for spec, sae, out, name in zip(specs, saes, outs, names):
         if isinstance(sae, Exception):
             failed.append(f"{name}: {sae}")
@@ -144,13 +177,15 @@ def train_grid(cfg, topk_family) -> StepResult:
         if cfg.eval_tokens > 0:
             h = spec["hook"]
             if model_mode:
-                data = [b[h] for b in ms.heldout_batches(4096, cfg.eval_tokens)] if cfg.holdout > 0 else None
+                data = model_heldout(h)      # every rank, in the same order
             else:
                 data = store.batches(h, 4096, shuffle=True, seed=10_007 + spec["seed"],
                                      rows=sp.heldout_rows if held else None)
-            if data:
+            if data and rank == 0:
                 ev = evaluate_sae(sae, data, max_tokens=cfg.eval_tokens, device=sae.device)
                 sae.cfg.metadata["workbench"]["eval"] = {kk: v for kk, v in ev.items() if isinstance(v, (int, float))}
+        if rank > 0:          # data parallel: every rank holds the same SAEs; rank 0 writes them
+            continue
         sae.to("cpu")
         with disk_space_guard(out, checkpoint_bytes(sae.cfg.d_in, sae.cfg.d_sae) // 3, "the SAE"):
             sae.save(out)
@@ -164,11 +199,15 @@ def train_grid(cfg, topk_family) -> StepResult:
         rows_out.append({"sae": str(out), **{kk: spec[kk] for kk in ("hook", "d_sae", "k", "seed")}, "metrics": m,
                          "n_tokens": wb.get("n_tokens"), "data_exhausted": wb.get("data_exhausted")})
         metrics.update({f"{name}.{kk}": v for kk, v in m.items()})
-    if failed and not rows_out:
+    if failed and len(failed) == len(specs):
         raise WorkbenchError("every SAE diverged: " + "; ".join(failed))
+    par = {"world_size": coll.world_size, **({"n_forward_tokens": ms.n_forward_tokens} if model_mode else {})}
+    if rank > 0:
+        return StepResult(summary={"saes": [str(o) for o in outs], "failed": failed, "rank": rank,
+                                   "written_by": "rank 0", **par})
     exhausted = next((r["data_exhausted"] for r in rows_out if r.get("data_exhausted")), None)
     return StepResult(summary={"saes": rows_out, "failed": failed, "hooks": hooks,
-                               "source": "model" if model_mode else "store", "kept_store": kept,
+                               "source": "model" if model_mode else "store", "kept_store": kept, **par,
                                **({"data_exhausted": exhausted} if exhausted else {})},
                       metrics=metrics, artifacts={f"sae:{r['sae']}": r["sae"] for r in rows_out})
 
@@ -228,9 +267,13 @@ def train_one_pass(cfgs: list, topk_family) -> list:
                               progress=progress_stream() if c0.progress else False, on_error="keep")
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
+    rank = torchrun_rank()
     for i, c, o, sae in zip(ok, cfgs, ones, saes):
         if isinstance(sae, Exception):
             prepared[i] = WorkbenchError(f"train-sae: {sae}")
+            continue
+        if rank > 0:           # data parallel (train_saes): rank 0 evaluates and writes every SAE
+            prepared[i] = StepResult(summary={"sae": str(o["out"]), "rank": rank, "written_by": "rank 0"})
             continue
         try:
             prepared[i] = finish_one(c, store, o, sae)
