@@ -375,7 +375,8 @@ class _Trainer:
         sae.to(dev)
         groups = sae.param_groups(run.lr)
         # fused Adam: one kernel over each parameter instead of ~10 passes (16k x 576 SAE on 2 CPU cores:
-        # 0.14 s vs 0.74 s a step, same update up to float rounding); beta1 = 0 (no momentum), as the JumpReLU / Gemma Scope SAEs were trained (Lieberum et al. 2024);
+        # 0.14 s vs 0.74 s a step, same update up to float rounding).
+        # beta1 = 0 (no momentum), as the JumpReLU / Gemma Scope SAEs were trained (Lieberum et al. 2024);
         # measured on synthetic superposition (benchmarks/bench_sae_recovery.py, d 64, 256 true features,
         # 16 active): MMCS 0.90 with (0.9, 0.999), 0.97 with (0, 0.999); BatchTopK 0.59 -> 0.95
         self.opt = torch.optim.Adam([{"params": g["params"], "lr": run.lr * g["lr_mult"]} for g in groups],
