@@ -13,8 +13,13 @@ which must not grow with max_tokens (rows stream to shards).
         [--hooks blocks.6.hook_resid_post] [--skip-b] [--skip-rss]
 
 Target: collect >= 0.95x of (a) at layer 6 alone and at 6+15, and faster than (b). Collect runs
-attention through SDPA (as HF does by default) unless a hook needs the attention pattern, and
-tokenises the next batches in a background thread while the model runs.
+attention through SDPA (as HF does by default) unless a hook needs the attention pattern, skips
+the bridge's duplicate norm statistics, tokenises ahead and writes shards in background threads.
+(a) stops exactly where collect does: after the deepest hooked block, without the final norm.
+
+The machine may be shared: (a) and collect are timed in alternating rounds (A C, C A, A C, ...)
+in this process and the summary reports the median of the per-round ratios (and of the
+per-batch ratios of (a) against Model.run alone), not a ratio of two separately-taken bests.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,8 +123,9 @@ def main(argv=None):
                     help="shard size of collect (small, so that both RSS runs span several shards)")
     ap.add_argument("--skip-b", action="store_true", help="skip the TransformerLens baseline")
     ap.add_argument("--skip-rss", action="store_true", help="skip the fresh-process peak-RSS runs")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of (a) then collect, alternated; the summary takes the best of each")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of (a) and collect (order alternating per round); the summary "
+                         "reports the median of the per-round ratios")
     args = ap.parse_args(argv)
 
     model = load_model(args.model, device=args.device)
@@ -140,6 +147,7 @@ def main(argv=None):
     base = hf.model
     base.layers = base.layers[:deepest + 1]
     hf.config.num_hidden_layers = deepest + 1
+    base.norm = torch.nn.Identity()      # collect stops at the block's output: no final norm either
     print(f"(a) uses Hugging Face attn_implementation={hf.config._attn_implementation!r}", flush=True)
     with torch.inference_mode():     # warm-up
         ids, mask, _ = batches[0]
@@ -154,20 +162,25 @@ def main(argv=None):
         sync(dev)
         return time.perf_counter() - t, time.process_time() - c
 
-    # ------------------- (a) vs Model.run alone, alternated batch by batch (robust to load drift)
+    # ------------- (a) vs Model.run alone, alternated batch by batch (A B, B A, ...: robust to load drift)
     t_ai = t_ri = 0.0
-    for ids, mask, _ in batches:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-        sync(dev)
-        t_ai += time.perf_counter() - t
-        t = time.perf_counter()
-        model.run(ids.to(dev), mask.to(dev), hooks)
-        sync(dev)
-        t_ri += time.perf_counter() - t
+    per_batch = []
+    for i, (ids, mask, _) in enumerate(batches):
+        t = {}
+        for which in (("a", "run") if i % 2 == 0 else ("run", "a")):
+            t0 = time.perf_counter()
+            if which == "a":
+                with torch.inference_mode():
+                    base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+            else:
+                model.run(ids.to(dev), mask.to(dev), hooks)
+            sync(dev)
+            t[which] = time.perf_counter() - t0
+        t_ai, t_ri = t_ai + t["a"], t_ri + t["run"]
+        per_batch.append(t["a"] / t["run"])
+    r_run = statistics.median(per_batch)
     print(f"(a) vs Model.run ({model.attention_for(hooks)}), batch by batch: {n_rows / t_ai:.1f} vs "
-          f"{n_rows / t_ri:.1f} tok/s, ratio {t_ai / t_ri:.3f}", flush=True)
+          f"{n_rows / t_ri:.1f} tok/s, median per-batch ratio {r_run:.3f}", flush=True)
 
     # ---------------------------------------------------------- (b) TL run_with_cache, full model
     t_b = c_b = None
@@ -188,12 +201,7 @@ def main(argv=None):
     # ------------------------------------- (a) and collect alternated, `--repeats` rounds each
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
     try:
-        a_runs, c_runs = [], []
-        for r in range(args.repeats):
-            t_a, c_a = run_a()
-            a_runs.append((t_a, c_a))
-            print(f"round {r + 1}: (a) HF forward to layer {deepest}, no hooks/writes: {n_rows / t_a:9.1f} "
-                  f"tok/s ({t_a:.1f}s wall, {c_a:.1f}s CPU)", flush=True)
+        def run_collect(r):
             gc.collect()
             t, c = time.perf_counter(), time.process_time()
             store = collect(model, hooks, corpus="builtin", out=tmp / f"s{r}", max_tokens=n_rows,
@@ -201,17 +209,32 @@ def main(argv=None):
                             shard_mb=args.shard_mb)
             sync(dev)
             dt, dc = time.perf_counter() - t, time.process_time() - c
-            c_runs.append((dt, dc))
             n_shards = len(store.shard_files())
             disk = sum(p.stat().st_size for p in store.shard_files())
             print(f"round {r + 1}: collect max_tokens={n_rows}: {n_rows / dt:9.1f} tok/s ({dt:.1f}s wall, "
                   f"{dc:.1f}s CPU), {n_shards} shards, {disk / 2**20:.0f} MiB on disk", flush=True)
             shutil.rmtree(tmp / f"s{r}", ignore_errors=True)
+            return dt, dc
+
+        collect(model, hooks, corpus="builtin", out=tmp / "warm", max_tokens=64, seq_len=args.seq_len,
+                batch_size=args.batch_size, progress=False, shard_mb=args.shard_mb)   # warm-up
+        a_runs, c_runs = [], []
+        for r in range(args.repeats):
+            for which in (("a", "c") if r % 2 == 0 else ("c", "a")):
+                if which == "c":
+                    c_runs.append(run_collect(r))
+                    continue
+                gc.collect()
+                t_a, c_a = run_a()
+                a_runs.append((t_a, c_a))
+                print(f"round {r + 1}: (a) HF forward to layer {deepest}, no hooks/writes: {n_rows / t_a:9.1f} "
+                      f"tok/s ({t_a:.1f}s wall, {c_a:.1f}s CPU)", flush=True)
         hf = base = None          # free the HF copy before the RSS runs
         gc.collect()
-        t_a, c_a = min(x[0] for x in a_runs), min(x[1] for x in a_runs)      # best of the rounds
-        dt, dc = min(x[0] for x in c_runs), min(x[1] for x in c_runs)
+        t_a, c_a = statistics.median(x[0] for x in a_runs), statistics.median(x[1] for x in a_runs)
+        dt, dc = statistics.median(x[0] for x in c_runs), statistics.median(x[1] for x in c_runs)
         per_round = [a[0] / c_[0] for a, c_ in zip(a_runs, c_runs)]
+        per_round_cpu = [a[1] / c_[1] for a, c_ in zip(a_runs, c_runs)]
 
         # ------------------------------------------------------ peak RSS, fresh processes
         rss = {}
@@ -232,10 +255,12 @@ def main(argv=None):
     print("\n== summary ==")
     print(f"device: {dev} ({where})")
     print(f"collect (incl. tokenising + disk writes): {speed:.1f} tok/s")
-    print(f"ratio collect / (a) plain forward:        {t_a / dt:.3f} wall, {c_a / dc:.3f} CPU-time  "
-          f"(best of {args.repeats} rounds each; target >= 0.95)")
+    print(f"ratio collect / (a) plain forward:        {statistics.median(per_round):.3f} wall, "
+          f"{statistics.median(per_round_cpu):.3f} CPU-time  (median of {args.repeats} alternating rounds; "
+          "target >= 0.95)")
     print("ratio per round (wall):                   " + ", ".join(f"{x:.3f}" for x in per_round))
-    print(f"ratio Model.run / (a), batch by batch:    {t_ai / t_ri:.3f} wall (the forward alone)")
+    print(f"ratio of the median times:                {t_a / dt:.3f} wall, {c_a / dc:.3f} CPU-time")
+    print(f"ratio Model.run / (a), batch by batch:    {r_run:.3f} wall (median per batch; the forward alone)")
     if t_b is not None:
         print(f"ratio collect / (b) TL run_with_cache:    {t_b / dt:.3f} wall, {c_b / dc:.3f} CPU-time  "
               "(target > 1)")
