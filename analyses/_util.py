@@ -180,3 +180,25 @@ def blas_single_thread():
             _BLAS_POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="workbench-blas")
         with _controller().limit(limits=1):
             yield _BLAS_POOL
+
+
+_LIBC: Any = None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Long
+    streamed passes free large buffers every batch; glibc raises its mmap threshold after such frees and
+    then keeps the freed memory in its heap, so resident memory crept up with the rows streamed
+    (features over 2M rows: 5.6 GB anonymous memory, ~2.3 KB per row). Trimming every few batches keeps
+    it flat, at ~1 ms a call."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

@@ -2,7 +2,9 @@
 collect smollm2-135m ``blocks.6.hook_resid_post`` -> train a 16,384-latent TopK SAE -> evaluate it on the
 held-out documents (FVU, L0, CE loss recovered) -> build the feature dashboards over every stored row.
 Each stage is its own process; the table gives its wall time, tokens/s and peak RSS (``wait4`` ru_maxrss),
-at each ``--tokens`` value, so memory growth with tokens shows directly (the goal: none).
+split into anonymous and file-backed memory (the store is memory-mapped: its pages count in RSS but are the
+kernel's page cache), at each ``--tokens`` value, so memory growth with tokens shows directly (the goal:
+anonymous memory flat).
 
     .venv/bin/python benchmarks/bench_scale.py --tokens 200000 2000000 [--work /tmp/wb-scale] [--d-sae 16384]
 
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +48,11 @@ def stage(name: str, argv: list[str], log: Path) -> dict:
     """Run one CLI stage as its own process; wall time, peak RSS and its --json summary."""
     cmd = [sys.executable, "-m", "workbench.cli", *argv, "--json"]
     t = time.perf_counter()
+    peak = {"RssAnon": 0, "RssFile": 0}
     with open(log, "w") as err:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        sampler = threading.Thread(target=_sample, args=(p.pid, peak), daemon=True)
+        sampler.start()
         out = p.stdout.read()
         _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
@@ -57,7 +63,23 @@ def stage(name: str, argv: list[str], log: Path) -> dict:
         summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     except json.JSONDecodeError:
         summary = {"stdout": out[-500:]}
-    return {"stage": name, "wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "summary": summary}
+    return {"stage": name, "wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "peak_anon_mb": peak["RssAnon"] / 1024,
+            "peak_file_mb": peak["RssFile"] / 1024, "summary": summary}
+
+
+def _sample(pid: int, peak: dict) -> None:
+    """Peak anonymous and file-backed resident memory of a process (``/proc/PID/status``, every 0.2 s): the
+    store is memory-mapped, so its pages count in ru_maxrss although the kernel can drop them at will."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    k = line.split(":", 1)[0]
+                    if k in peak:
+                        peak[k] = max(peak[k], int(line.split()[1]))
+        except (OSError, ValueError, IndexError):
+            return
+        time.sleep(0.2)
 
 
 def run_scale(a, n: int, per_epoch: int) -> list[dict]:
@@ -112,15 +134,18 @@ def main() -> None:
         allrows += rows
         for r in rows:
             print(f"  [{n:,}] {r['stage']:20} {r['wall_s']:8.1f} s  {r['tokens']:>10,} tok  "
-                  f"{(r['tok_per_s'] or 0):>9,.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+                  f"{(r['tok_per_s'] or 0):>9,.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB (anonymous "
+                  f"{r['peak_anon_mb']:.0f}, file-backed {r['peak_file_mb']:.0f})", flush=True)
     dev = "cuda: " + torch.cuda.get_device_name() if a.device != "cpu" and torch.cuda.is_available() else \
         f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
     print(f"\ndevice: {dev}; model {a.model}; hook {HOOK}; TopK d_sae {a.d_sae} k {a.k}")
-    print("| stage | tokens requested | corpus | tokens | wall s | tokens/s | peak RSS MB |\n" + "|---" * 7 + "|")
+    print("| stage | tokens requested | corpus | tokens | wall s | tokens/s | peak RSS MB | anonymous MB | file MB |\n"
+          + "|---" * 9 + "|")
     corpus = {r["scale"]: r.get("corpus") for r in allrows if r["stage"] == "collect"}
     for r in allrows:
         print(f"| {r['stage']} | {r['scale']:,} | {corpus[r['scale']]} | {r['tokens']:,} | {r['wall_s']:.1f} | "
-              f"{(r['tok_per_s'] or 0):,.0f} | {r['peak_rss_mb']:.0f} |")
+              f"{(r['tok_per_s'] or 0):,.0f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | "
+              f"{r['peak_file_mb']:.0f} |")
     for r in allrows:
         if "metrics" in r:
             print(f"held-out eval at {r['scale']:,}: {json.dumps(r['metrics'])}")
@@ -129,9 +154,9 @@ def main() -> None:
         for st in dict.fromkeys(r["stage"] for r in allrows):
             lo = next(r for r in allrows if r["stage"] == st and r["scale"] == scales[0])
             hi = next(r for r in allrows if r["stage"] == st and r["scale"] == scales[-1])
-            grow = hi["peak_rss_mb"] / lo["peak_rss_mb"]
-            print(f"peak RSS {st}: {lo['peak_rss_mb']:.0f} MB at {scales[0]:,} -> {hi['peak_rss_mb']:.0f} MB at "
-                  f"{scales[-1]:,} ({grow:.2f}x for {scales[-1] / scales[0]:.0f}x tokens)")
+            grow = hi["peak_anon_mb"] / max(lo["peak_anon_mb"], 1)
+            print(f"peak anonymous memory {st}: {lo['peak_anon_mb']:.0f} MB at {scales[0]:,} -> "
+                  f"{hi['peak_anon_mb']:.0f} MB at {scales[-1]:,} ({grow:.2f}x for {scales[-1] // scales[0]}x tokens)")
     (Path(a.work) / "bench_scale.json").write_text(json.dumps(allrows, indent=1, default=str))
 
 

@@ -443,3 +443,13 @@ def test_W_U_folded_smollm2_matches_hf_weights():
     x = m.run(ids, None, ["ln_final.hook_in"])["ln_final.hook_in"]
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps)
     assert torch.allclose(m.logits(ids), xn @ m.W_U_folded, atol=1e-3, rtol=1e-4)
+
+
+def test_trim_heap_binds_glibc():
+    """features trims the C heap every few batches; on glibc the binding must resolve (else it would
+    silently do nothing and resident memory would creep up with the rows streamed again)."""
+    import platform
+    import analyses._util as u
+    u.trim_heap()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert u._LIBC and hasattr(u._LIBC, "malloc_trim")

@@ -108,7 +108,7 @@ from typing import Any
 
 import torch
 
-from analyses._util import resolve_device
+from analyses._util import resolve_device, trim_heap
 from analyses.features import FeatureStatsAccumulator, decoder_neighbours, logit_table, neuron_alignment
 
 from ..errors import WorkbenchError
@@ -118,6 +118,7 @@ from . import StepResult, arg, default_out, register
 log = logging.getLogger(__name__)
 
 KIND = "features"
+TRIM_EVERY = 16          # batches between heap trims (see analyses._util.trim_heap)
 VERSION = 1
 LOGIT_UNEMBEDDING = ("W_U_folded = diag(final-norm gain) @ W_U (LayerNorm: also centred over d_model), "
                      "as sae_vis / Neuronpedia; the norm's bias and 1/rms scale leave the token order unchanged")
@@ -273,6 +274,8 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
                         cache.append(item)
             wi = torch.where(wr >= 0, wr - lo, torch.full_like(wr, -1))
             acc.update(acts, torch.arange(s, e), core=torch.arange(s - lo, e - lo), window_index=wi)
+            if ci % TRIM_EVERY == TRIM_EVERY - 1:
+                trim_heap()          # resident memory stays flat over millions of rows
         acc.end_pass()
         _log(f"pass {p + 1}/{acc.n_passes}: {n} rows in {time.time() - tp:.1f}s"
              + (" (codes cached from pass 1)" if p > 0 and cache is not None else ""))
