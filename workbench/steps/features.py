@@ -244,8 +244,10 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
     t_enc = 0.0
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] | None = [] if cache_mb > 0 else None
     cache_bytes = 0
+    from ..logs import bar
     for p in range(acc.n_passes):
         tp = time.time()
+        pb = bar(total=n, unit="tok", unit_scale=True, desc=f"features pass {p + 1}/{acc.n_passes}", leave=False)
         for ci, s in enumerate(range(0, n, batch_size)):
             e = min(s + batch_size, n)
             wr = window_rows(torch.arange(s, e))
@@ -276,6 +278,8 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
             acc.update(acts, torch.arange(s, e), core=torch.arange(s - lo, e - lo), window_index=wi)
             if ci % TRIM_EVERY == TRIM_EVERY - 1:
                 trim_heap()          # resident memory stays flat over millions of rows
+            pb.update(e - s)
+        pb.close()
         acc.end_pass()
         _log(f"pass {p + 1}/{acc.n_passes}: {n} rows in {time.time() - tp:.1f}s"
              + (" (codes cached from pass 1)" if p > 0 and cache is not None else ""))
