@@ -163,11 +163,12 @@ def _train_grid(cfg, topk_family, coll, device: str) -> StepResult:
     rows_out, metrics, failed = [], {}, []
     held_rows: dict = {}
 
-    def model_heldout(h: str):   # once per hook (SAEs come hook by hook); the forward is split across ranks
-        if h not in held_rows:
-            held_rows.clear()
-            held_rows[h] = [b[h] for b in ms.heldout_batches(4096, cfg.eval_tokens)] if cfg.holdout > 0 else None
-        return held_rows[h]
+    def model_heldout(h: str):   # one held-out forward gives every hook's rows; split across ranks
+        if not held_rows and cfg.holdout > 0:
+            for b in ms.heldout_batches(4096, cfg.eval_tokens):
+                for hh, x in b.items():
+                    held_rows.setdefault(hh, []).append(x)
+        return held_rows.get(h)
 
     for spec, sae, out, name in zip(specs, saes, outs, names):
         if isinstance(sae, Exception):
