@@ -224,9 +224,10 @@ def _train(source, specs, n_tokens, batch_size, dev, coll, checkpoint_every, pro
         if not _is_stream(source):
             src.flat.chunk = src.inner.chunk = batch_size
     drv = _Driver(src, batch_size, dev, coll)
-    trainers = []
+    trainers, workspace = [], {}
     for i, s in enumerate(specs):
         trainers.append(drv.build(i, s, n_tokens, checkpoint_every, autocast, calibration_tokens, log_every))
+        trainers[-1].workspace = workspace      # one pre-activation buffer per shape, shared by the pass
     return drv.run(trainers, progress, callback, on_error)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAE, SparseActs, TrainStepInput, TrainStepOutput, _GatherPreActs, sparse_decode
+from .base import (SAE, SparseActs, TrainStepInput, TrainStepOutput, _GatherPreActs, preacts, sparse_decode,
+                   topk_rows)
 from .registry import register_arch
 
 
@@ -19,23 +20,24 @@ class TopKSAE(SAE):
 
     def encode_sparse(self, x: torch.Tensor) -> SparseActs:
         pre = self.pre_acts(x.reshape(-1, self.cfg.d_in))
-        v, i = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        v, i = topk_rows(pre, self.cfg.k)
         return SparseActs.from_topk(v.relu(), i, self.cfg.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
-        v, i = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, i, v.relu())
+        flat = pre.reshape(-1, self.cfg.d_sae)
+        v, i = topk_rows(flat, self.cfg.k)
+        return torch.zeros_like(flat).scatter_(-1, i, v.relu()).view_as(pre)
 
     def _select(self, pre: torch.Tensor, inp: TrainStepInput) -> SparseActs:
-        _, i = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        _, i = topk_rows(pre, self.cfg.k)
         return SparseActs.from_topk(torch.empty(0, device=pre.device), i, self.cfg.d_sae)
 
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         x = inp.x.to(self.dtype)
         with torch.no_grad():
             x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-            pre = torch.addmm(self.b_enc, x_in, self.W_enc)     # one pass over [n, d_sae], not two
+            pre = preacts(inp, self.b_enc, x_in, self.W_enc)    # one pass over [n, d_sae], not two
             acts = self._select(pre, inp)
         vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
                                     self.cfg.apply_b_dec_to_input).relu()

@@ -364,6 +364,7 @@ class _Trainer:
         self.fingerprint = run.fingerprint(sae.cfg)
         self.progress, self.callback, self.log_every = progress, callback, log_every
         self.st = _State()
+        self.workspace: dict = {}               # step buffers reused across steps (base.preacts)
         self.last = {"fvu": float("nan"), "l0": float("nan"), "dead_fraction": float("nan"),
                      "loss": float("nan")}
 
@@ -478,7 +479,8 @@ class _Trainer:
             g["lr"] = lr_now * m
         dead = (st.since_fired >= sae.cfg.dead_tokens) if sae.cfg.dead_tokens else None
         inp = TrainStepInput(x=local, denom=denom, n_global=B, dead_mask=dead,
-                             coefficients=sae.coefficients(step, run.total), step=step, dist=coll)
+                             coefficients=sae.coefficients(step, run.total), step=step, dist=coll,
+                             workspace=self.workspace)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.autocast):
             out = sae.training_forward(inp)
         red = coll.all_reduce_sum(torch.stack([out.loss.detach().float(), out.sq_err.detach().float(),
