@@ -92,8 +92,8 @@ activation-range buckets, each bucket a bottom-k sketch over a deterministic has
 = a uniform random sample, independent of batch order. Window activations ride along with the
 candidates (each chunk is encoded with a halo of `context` rows on both sides). State is
 O(d_sae * (n_top + n_buckets * per_bucket) * W), never n_tokens x d_sae. Pass 2 reuses the sparse
-codes of pass 1 (12 bytes per non-zero) while they fit in ``cache_mb`` (default 2 GiB: n_tokens x L0
-up to ~180M), else it encodes again.
+codes of pass 1 (6 bytes per non-zero — int16 latent, float32 value — and 4 per row) while they fit in
+``cache_mb`` (default 2 GiB: n_tokens x L0 up to ~350M), else it encodes again.
 """
 
 from __future__ import annotations
@@ -239,11 +239,13 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
     """Stream the store through the SAE for every pass of `acc` (rows further than `halo` from a
     batch are left out of its windows). Returns (encode seconds, codes cached).
 
-    Sparse codes of pass 1 are kept (12 bytes per non-zero) for the later pass while they fit in
-    cache_mb, so pass 2 usually needs no second encode; past the budget it re-encodes instead."""
+    Sparse codes of pass 1 are kept for the later pass while they fit in cache_mb (per row its count of
+    non-zeros; per non-zero its latent, int16 below 32,768 latents, and its float32 value, bit-exact), so
+    pass 2 usually needs no second encode; past the budget it re-encodes instead."""
     t_enc = 0.0
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] | None = [] if cache_mb > 0 else None
     cache_bytes = 0
+    col_dtype, col_bytes = (torch.int16, 2) if d_sae <= 32767 else (torch.int32, 4)
     from ..logs import bar
     for p in range(acc.n_passes):
         tp = time.time()
@@ -257,19 +259,20 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
             lo = min(s, int(valid.min())) if valid.numel() else s
             hi = max(e, int(valid.max()) + 1) if valid.numel() else e
             if p > 0 and cache is not None:
-                r_, c_, v_, m_ = cache[ci]
+                n_, c_, v_, m_ = cache[ci]
                 acts = torch.zeros((m_, d_sae), device=dev)
-                acts[r_.to(dev).long(), c_.to(dev).long()] = v_.to(dev)
+                r_ = torch.repeat_interleave(torch.arange(m_), n_.long())
+                acts[r_.to(dev), c_.to(dev).long()] = v_.to(dev)
             else:
                 x = store.read(hook, lo, hi, device=dev, dtype=sae_dtype)
                 te = time.time()
                 acts = sae.encode(x)
                 t_enc += time.time() - te
                 if p == 0 and acc.n_passes > 1 and cache is not None:
-                    nz = (acts > 0).nonzero()
-                    item = (nz[:, 0].int().cpu(), nz[:, 1].int().cpu(), acts[nz[:, 0], nz[:, 1]].float().cpu(),
-                            acts.shape[0])
-                    cache_bytes += 12 * nz.shape[0]
+                    nz = (acts > 0).nonzero()          # row-major: a row's entries are contiguous
+                    item = (torch.bincount(nz[:, 0], minlength=acts.shape[0]).int().cpu(),
+                            nz[:, 1].to(col_dtype).cpu(), acts[nz[:, 0], nz[:, 1]].float().cpu(), acts.shape[0])
+                    cache_bytes += (col_bytes + 4) * nz.shape[0] + 4 * acts.shape[0]
                     if cache_bytes > cache_mb * 2**20:
                         cache = None                 # over budget: pass 2 re-encodes
                     else:
