@@ -431,8 +431,8 @@ class ActivationStore:
         taken in that order into a window of at least ``buffer_rows`` rows (default: as many rows as
         fit in 256 MiB, at least one shard); the window's rows plus the < batch_size rows carried
         over from the previous window are permuted and yielded in batches, and the remainder
-        carries on. At most one window + one carry + one batch are in memory, whatever the
-        store's size. Rows from far-apart parts of the corpus mix because the shard order is
+        carries on. At most one window + one shard + one carry + one batch are in memory, whatever
+        the store's size. Rows from far-apart parts of the corpus mix because the shard order is
         random; rows only mix across shards of the same window. ``shuffle=False`` streams rows in
         store order. Same seed -> same batches.
         """
@@ -469,14 +469,19 @@ class ActivationStore:
         carry = torch.empty((0, d), dtype=self.dtype)
         k = 0
         while k < len(order):
-            window, n = [carry], carry.shape[0]
-            while k < len(order) and (n < buffer_rows or len(window) == 1):
-                t = self._take(order[k], key, None if sel is None else sel[order[k]])
-                window.append(t)
-                n += t.shape[0]
+            take, n = [], carry.shape[0]
+            while k < len(order) and (n < buffer_rows or not take):
+                take.append(order[k])
+                n += int(self._shards_meta[order[k]]["rows"]) if sel is None else int(sel[order[k]].numel())
                 k += 1
-            buf = torch.cat(window) if len(window) > 1 else window[0]
-            del window
+            buf = torch.empty((n, d), dtype=self.dtype)    # filled shard by shard: no second window-sized copy
+            buf[:carry.shape[0]] = carry
+            pos = carry.shape[0]
+            for i in take:
+                t = self._take(i, key, None if sel is None else sel[i])
+                buf[pos:pos + t.shape[0]] = t
+                pos += t.shape[0]
+                del t
             perm = torch.randperm(buf.shape[0], generator=g)
             full = (buf.shape[0] // batch_size) * batch_size
             for s in range(0, full, batch_size):
