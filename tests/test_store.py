@@ -257,6 +257,10 @@ def test_split_rows_by_document(tmp_path):
     assert not torch.equal(a.split_rows(0.1, seed=1)[1], ho)
     sp = a.split(0.1, 0)
     assert sp.meta()["unit"] == "document" and sp.meta()["n_heldout_rows"] == ho.numel()
+    for st in (a, b, ActivationStore.open(tmp_path / "a")):      # the lean readers the split uses, cold and cached
+        assert torch.equal(st.doc_ids(), docs) and torch.equal(st.seq_index(), si)
+        st.rows(), st.sequences()
+        assert torch.equal(st.doc_ids(), docs) and torch.equal(st.seq_index(), si)
     assert set(sp.heldout_seqs.tolist()) == {i for i in range(90) if int(docs[i]) in held_docs}
     tr0, ho0 = a.split_rows(0.0)
     assert ho0.numel() == 0 and tr0.numel() == a.n_rows

@@ -344,6 +344,18 @@ class ActivationStore:
             self._rows_cache = {"seq_index": _cat(si, torch.long), "position": _cat(po, torch.long)}
         return {k: v.clone() for k, v in self._rows_cache.items()}
 
+    def doc_ids(self) -> torch.Tensor:
+        """LongTensor[n_seq]: each sequence's document id, read alone (not the token ids with it)."""
+        if self._seq_cache is not None:
+            return self._seq_cache["doc_ids"].clone()
+        return _cat([self._shard(i).tensor("doc_ids").long() for i in range(len(self._shards_meta))], torch.long)
+
+    def seq_index(self) -> torch.Tensor:
+        """LongTensor[n_rows]: the sequence of every row, read alone (not the positions with it)."""
+        if self._rows_cache is not None:
+            return self._rows_cache["seq_index"].clone()
+        return _cat([self._shard(i).tensor("seq_index").long() for i in range(len(self._shards_meta))], torch.long)
+
     def sequences(self) -> dict[str, torch.Tensor]:
         """{"token_ids": LongTensor[n_seq, seq_len], "attention_mask": BoolTensor[n_seq, seq_len],
         "doc_ids": LongTensor[n_seq]}."""

@@ -69,10 +69,9 @@ def split_store(store, holdout: float = 0.05, seed: int = 0) -> StoreSplit:
     if not 0.0 <= holdout < 1.0:
         raise WorkbenchError(f"holdout must be a fraction in [0, 1) (e.g. 0.05 = 5% of the documents), "
                              f"got {holdout}")
-    seqs = store.sequences()
-    doc_ids = seqs["doc_ids"]
-    n_seq = int(doc_ids.numel())
-    seq_index = store.rows()["seq_index"]
+    doc_ids = store.doc_ids()              # not sequences() / rows(): token ids and positions are not needed,
+    n_seq = int(doc_ids.numel())           # and at 10^7 rows they are hundreds of MB
+    seq_index = store.seq_index()
     all_rows = torch.arange(seq_index.numel())
     if holdout == 0.0:
         return StoreSplit(0.0, int(seed), "none", 0, 0, all_rows, all_rows[:0],
