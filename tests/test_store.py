@@ -304,3 +304,28 @@ def test_batches_restricted_to_rows(tmp_path, monkeypatch):
     assert sorted(got.long().tolist()) == sorted(scattered.tolist())
     with pytest.raises(WorkbenchError, match=r"rows must be indices in \[0, "):
         next(s.batches("rowid", 4, rows=torch.tensor([n])))
+
+
+def test_row_index_and_sequences_at_read_only_what_is_asked(tmp_path):
+    """The lean readers equal the whole-store ones on any rows / sequences, in the order asked, across shards
+    (several shard sizes), with and without character offsets; out-of-range indices are refused."""
+    acts, tok, mask, docs, si, po = _synthetic(n_seq=30, seq_len=8)
+    g = torch.Generator().manual_seed(0)
+    ends = torch.cumsum(torch.randint(1, 5, tok.shape, generator=g), 1)
+    for shard_rows, char_end in ((7, None), (40, ends), (10_000, None)):
+        st = write_store(tmp_path / f"s{shard_rows}", acts, tok, mask, docs, si, po, "m", shard_rows=shard_rows,
+                         char_end=char_end)
+        rows, seqs = st.rows(), st.sequences()
+        pick = torch.tensor([5, 0, st.n_rows - 1, 17, 17, 3])
+        s_, p_ = st.row_index(pick)
+        assert torch.equal(s_, rows["seq_index"][pick]) and torch.equal(p_, rows["position"][pick])
+        assert all(t.numel() == 0 for t in st.row_index(torch.tensor([], dtype=torch.long)))
+        sp = torch.tensor([29, 0, 11, 11, 4])
+        got = st.sequences_at(sp)
+        assert set(got) == set(seqs)
+        for k, v in seqs.items():
+            assert torch.equal(got[k], v[sp]), k
+        with pytest.raises(WorkbenchError, match=r"rows must be indices"):
+            st.row_index([st.n_rows])
+        with pytest.raises(WorkbenchError, match=r"sequences must be indices"):
+            st.sequences_at([-1])

@@ -344,6 +344,50 @@ class ActivationStore:
             self._rows_cache = {"seq_index": _cat(si, torch.long), "position": _cat(po, torch.long)}
         return {k: v.clone() for k, v in self._rows_cache.items()}
 
+    def row_index(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_index, position) LongTensors of the given rows, read from their shards' maps alone: memory in
+        the number of rows asked for, not the store's (``rows()`` holds every row's)."""
+        idx = torch.as_tensor(rows).long().reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
+            raise WorkbenchError(f"rows must be indices in [0, {self.n_rows}), got min {int(idx.min())}, "
+                                 f"max {int(idx.max())}")
+        seq, pos = torch.empty_like(idx), torch.empty_like(idx)
+        shard = torch.searchsorted(torch.tensor(self._row_starts, dtype=torch.long), idx, right=True) - 1
+        for i in torch.unique(shard).tolist():
+            m = shard == i
+            local = (idx[m] - self._row_starts[i]).numpy()
+            sh = self._shard(i)
+            seq[m] = torch.from_numpy(np.asarray(sh.array("seq_index")[local]).astype(np.int64))
+            pos[m] = torch.from_numpy(np.asarray(sh.array("position")[local]).astype(np.int64))
+        return seq, pos
+
+    def sequences_at(self, seqs) -> dict[str, torch.Tensor]:
+        """``sequences()`` restricted to the given sequence indices, in that order, read from their shards
+        alone (``char_end`` too when every shard has it)."""
+        idx = torch.as_tensor(seqs).long().reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_seq):
+            raise WorkbenchError(f"sequences must be indices in [0, {self.n_seq}), got min {int(idx.min())}, "
+                                 f"max {int(idx.max())}")
+        L = self.seq_len
+        names = ["token_ids", "attention_mask", "doc_ids"] + (["char_end"] if self.has_char_offsets else [])
+        out = {"token_ids": torch.empty((idx.numel(), L), dtype=torch.long),
+               "attention_mask": torch.empty((idx.numel(), L), dtype=torch.bool),
+               "doc_ids": torch.empty(idx.numel(), dtype=torch.long)}
+        if "char_end" in names:
+            out["char_end"] = torch.empty((idx.numel(), L), dtype=torch.long)
+        counts = torch.tensor([int(m["n_seq"]) for m in self._shards_meta], dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        shard = torch.searchsorted(starts, idx, right=True) - 1
+        for i in torch.unique(shard).tolist():
+            m = shard == i
+            local = (idx[m] - int(starts[i])).numpy()
+            sh = self._shard(i)
+            for name in names:
+                a = np.asarray(sh.array(name)[local]) if name == "doc_ids" else \
+                    np.asarray(sh.array(name).reshape(-1, L)[local])
+                out[name][m] = torch.from_numpy(a.astype(bool if name == "attention_mask" else np.int64))
+        return out
+
     def doc_ids(self) -> torch.Tensor:
         """LongTensor[n_seq]: each sequence's document id, read alone (not the token ids with it)."""
         if self._seq_cache is not None:

@@ -199,24 +199,27 @@ def _decode_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
         return [tokenizer.decode([i]) for i in ids]
 
 
-def _window_rows_fn(store: Any, context: int):
-    """rows -> [len, 2*context+1] global row ids of each row's window (-1: no row there)."""
-    r = store.rows()
-    seq_index, position = r["seq_index"], r["position"]
-    L = store.seq_len
-    n_seq = int(seq_index.max()) + 1 if seq_index.numel() else 0
-    rowmap = torch.full((max(n_seq, 1), L), -1, dtype=torch.long)
-    rowmap[seq_index, position] = torch.arange(seq_index.numel())
+def _window_rows_fn(store: Any, context: int, halo: int):
+    """rows (a contiguous range) -> [len, 2*context+1] global row ids of each row's window (-1: no row there,
+    or none within ``halo`` rows of the range). Reads only the range's row index (``store.row_index``): memory
+    in the batch, not the store (a whole-store map cost ~40 bytes a row)."""
+    L, n = store.seq_len, store.n_rows
     offs = torch.arange(-context, context + 1)
 
     def window_rows(rows: torch.Tensor) -> torch.Tensor:
-        s = seq_index[rows][:, None]
-        p = position[rows][:, None] + offs
-        ok = (p >= 0) & (p < L)
-        w = rowmap[s, p.clamp(0, L - 1)]
-        return torch.where(ok, w, torch.full_like(w, -1))
+        s, e = int(rows[0]), int(rows[-1]) + 1
+        lo, hi = max(0, s - halo), min(n, e + halo)
+        si, po = store.row_index(torch.arange(lo, hi))
+        key = si * L + po                                     # (sequence, position) -> one sortable key
+        order = key.argsort()
+        sk = key[order]
+        p = po[s - lo:e - lo, None] + offs
+        q = si[s - lo:e - lo, None] * L + p
+        j = torch.searchsorted(sk, q).clamp(max=sk.numel() - 1)
+        hit = (p >= 0) & (p < L) & (sk[j] == q)
+        return torch.where(hit, lo + order[j], torch.full_like(q, -1))
 
-    return window_rows, seq_index, position
+    return window_rows
 
 
 def _check_inputs(sae: Any, store: Any, hook: str) -> str:
@@ -317,22 +320,23 @@ def _weight_panels(W_dec: torch.Tensor, dev: torch.device, n_neighbours: int, n_
     return tensors, logits_reason
 
 
-def _example_windows(st: Any, store: Any, seq_index: torch.Tensor, position: torch.Tensor,
-                     context: int) -> dict[str, torch.Tensor]:
-    """Token windows (-1: outside the sequence or padding) of the rows the examples refer to, only."""
+def _example_windows(st: Any, store: Any, context: int) -> dict[str, torch.Tensor]:
+    """Token windows (-1: outside the sequence or padding) of the rows the examples refer to, only (their
+    sequences read alone: ``store.sequences_at``)."""
     refs = torch.cat([st.top_rows.reshape(-1), st.bucket_rows.reshape(-1)])
     ref_rows = torch.unique(refs[refs >= 0])
-    seqs = store.sequences()
+    rs, rp = store.row_index(ref_rows)
+    useq, inv = torch.unique(rs, return_inverse=True)
+    seqs = store.sequences_at(useq)
     tok, mask, docs = seqs["token_ids"], seqs["attention_mask"], seqs["doc_ids"]
-    L = tok.shape[1]
-    rs, rp = seq_index[ref_rows], position[ref_rows]
+    L = store.seq_len
     pp = rp[:, None] + torch.arange(-context, context + 1)
     inside = (pp >= 0) & (pp < L)
     ppc = pp.clamp(0, L - 1)
-    wt = tok[rs[:, None], ppc]
-    ok = inside & mask[rs[:, None], ppc]
+    wt = tok[inv[:, None], ppc]
+    ok = inside & mask[inv[:, None], ppc]
     window_tokens = torch.where(ok, wt, torch.full_like(wt, -1)).to(torch.int32)
-    return {"ref_rows": ref_rows, "ref_seq": rs, "ref_pos": rp, "ref_doc": docs[rs], "window_token_ids": window_tokens}
+    return {"ref_rows": ref_rows, "ref_seq": rs, "ref_pos": rp, "ref_doc": docs[inv], "window_token_ids": window_tokens}
 
 
 @torch.no_grad()
@@ -355,7 +359,7 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
     if n == 0:
         raise WorkbenchError(f"store {store.path if hasattr(store, 'path') else ''} has no rows")
     W = 2 * context + 1
-    window_rows, seq_index, position = _window_rows_fn(store, context)
+    window_rows = _window_rows_fn(store, context, 2 * W + 32)
     try:
         sae_dtype = _sae_param(sae, "W_enc").dtype
     except AttributeError:
@@ -386,7 +390,7 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
     tensors.update(panels)
     has_logits = not logits_reason
     t_weights = time.time() - tw
-    tensors.update(_example_windows(st, store, seq_index, position, context))
+    tensors.update(_example_windows(st, store, context))
 
     window_tokens = tensors["window_token_ids"]
     ids_used = [window_tokens[window_tokens >= 0].long()]
