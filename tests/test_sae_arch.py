@@ -273,7 +273,7 @@ def test_auxk_loss_and_gradients_equal_a_dense_reference(path, monkeypatch):
     aux = 0.5 * min(len(dead_cols) / k_aux, 1.0) * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     (mse + aux).backward()
     assert float(out.losses["aux"]) == pytest.approx(float(aux.detach()), rel=1e-10)
-    assert float(out.loss) == pytest.approx(float((mse + aux).detach()), rel=1e-10)
+    assert float(out.loss.detach()) == pytest.approx(float((mse + aux).detach()), rel=1e-10)
     for name, p in P.items():
         assert torch.allclose(getattr(sae, name).grad, p.grad, atol=1e-10), name
 
