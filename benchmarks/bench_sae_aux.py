@@ -2,8 +2,8 @@
 number of dead latents: our dense path (GEMMs over the dead latents' columns), our sparse path (gathers over
 the batch x k_aux selected entries) and SAELens' form (the full [batch, d_sae] masked activations times
 W_dec, by autograd). Each is timed as (forward + backward of the whole step) minus the same step without
-AuxK, so the number is what AuxK adds. Also times the pre-activation GEMM into a fresh tensor vs the
-trainer's reused buffer (``analyses.sae.base.preacts``).
+AuxK, so the number is what AuxK adds. On CPU it also times the pre-activation GEMM into a fresh tensor vs
+the trainer's reused buffer (``analyses.sae.base.preacts``), and ``torch.topk`` vs our grouped ``topk_rows``.
 
     .venv/bin/python benchmarks/bench_sae_aux.py [--d-sae 4608 16384] [--dead 300 1000 3000 6000] [--device auto]
 
@@ -19,7 +19,7 @@ import torch
 from _args import parse
 
 import analyses.sae.base as base
-from analyses.sae.base import TrainStepInput
+from analyses.sae.base import TrainStepInput, topk_rows
 from analyses.sae.train import make_sae
 
 
@@ -88,6 +88,10 @@ def bench_width(a, dev: torch.device, d_sae: int, timed) -> None:
         t_buf = timed(lambda: torch.addmm(b, x, W, out=buf))
         print(f"d_sae {d_sae:6d}  pre-activation GEMM: fresh tensor {t_fresh:.0f} ms, reused buffer {t_buf:.0f} ms"
               f" ({t_fresh / t_buf:.2f}x)")
+        t_topk = timed(lambda: buf.topk(a.k, dim=-1, sorted=False))
+        t_rows = timed(lambda: topk_rows(buf, a.k))
+        print(f"d_sae {d_sae:6d}  top-{a.k} of every row: torch.topk {t_topk:.0f} ms, topk_rows {t_rows:.0f} ms"
+              f" ({t_topk / t_rows:.2f}x)")
 
 
 def main() -> None:

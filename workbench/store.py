@@ -333,90 +333,76 @@ class ActivationStore:
             i += 1
         return _move(out, device, dtype)
 
+    def _column(self, name: str) -> torch.Tensor:
+        """One per-shard tensor over the whole store, as int64 (bool stays bool), shards in order."""
+        parts = [self._shard(i).tensor(name) for i in range(len(self._shards_meta))]
+        dtype = torch.bool if name == "attention_mask" else torch.long
+        shape = (0, self.seq_len) if name in ("token_ids", "attention_mask", "char_end") else (0,)
+        return _cat([t.to(dtype).reshape(-1, *shape[1:]) for t in parts], dtype, shape)
+
     def rows(self) -> dict[str, torch.Tensor]:
         """{"seq_index": LongTensor[n_rows], "position": LongTensor[n_rows]}."""
         if self._rows_cache is None:
-            si, po = [], []
-            for i in range(len(self._shards_meta)):
-                sh = self._shard(i)
-                si.append(sh.tensor("seq_index").long())
-                po.append(sh.tensor("position").long())
-            self._rows_cache = {"seq_index": _cat(si, torch.long), "position": _cat(po, torch.long)}
+            self._rows_cache = {k: self._column(k) for k in ("seq_index", "position")}
         return {k: v.clone() for k, v in self._rows_cache.items()}
+
+    def _by_shard(self, idx: torch.Tensor, what: str):
+        """Check row (``what="rows"``) or sequence indices and group them by shard: yields (shard, mask of
+        idx in that shard, offsets inside it)."""
+        n, starts = (self.n_rows, self._row_starts) if what == "rows" else (self.n_seq, self._seq_starts())
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise WorkbenchError(f"{what} must be indices in [0, {n}) (the store's {what}), got min "
+                                 f"{int(idx.min())}, max {int(idx.max())}")
+        shard = torch.searchsorted(torch.tensor(starts, dtype=torch.long), idx, right=True) - 1
+        for i in torch.unique(shard).tolist():
+            m = shard == i
+            yield i, m, idx[m] - starts[i]
+
+    def _seq_starts(self) -> list[int]:
+        counts = [int(m["n_seq"]) for m in self._shards_meta]
+        return [sum(counts[:i]) for i in range(len(counts))]
 
     def row_index(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_index, position) LongTensors of the given rows, read from their shards' maps alone: memory in
         the number of rows asked for, not the store's (``rows()`` holds every row's)."""
         idx = torch.as_tensor(rows).long().reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
-            raise WorkbenchError(f"rows must be indices in [0, {self.n_rows}), got min {int(idx.min())}, "
-                                 f"max {int(idx.max())}")
         seq, pos = torch.empty_like(idx), torch.empty_like(idx)
-        shard = torch.searchsorted(torch.tensor(self._row_starts, dtype=torch.long), idx, right=True) - 1
-        for i in torch.unique(shard).tolist():
-            m = shard == i
-            local = (idx[m] - self._row_starts[i]).numpy()
+        for i, m, local in self._by_shard(idx, "rows"):
             sh = self._shard(i)
-            seq[m] = torch.from_numpy(np.asarray(sh.array("seq_index")[local]).astype(np.int64))
-            pos[m] = torch.from_numpy(np.asarray(sh.array("position")[local]).astype(np.int64))
+            seq[m] = torch.from_numpy(np.asarray(sh.array("seq_index")[local.numpy()]).astype(np.int64))
+            pos[m] = torch.from_numpy(np.asarray(sh.array("position")[local.numpy()]).astype(np.int64))
         return seq, pos
 
     def sequences_at(self, seqs) -> dict[str, torch.Tensor]:
         """``sequences()`` restricted to the given sequence indices, in that order, read from their shards
         alone (``char_end`` too when every shard has it)."""
         idx = torch.as_tensor(seqs).long().reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_seq):
-            raise WorkbenchError(f"sequences must be indices in [0, {self.n_seq}), got min {int(idx.min())}, "
-                                 f"max {int(idx.max())}")
         L = self.seq_len
         names = ["token_ids", "attention_mask", "doc_ids"] + (["char_end"] if self.has_char_offsets else [])
-        out = {"token_ids": torch.empty((idx.numel(), L), dtype=torch.long),
-               "attention_mask": torch.empty((idx.numel(), L), dtype=torch.bool),
-               "doc_ids": torch.empty(idx.numel(), dtype=torch.long)}
-        if "char_end" in names:
-            out["char_end"] = torch.empty((idx.numel(), L), dtype=torch.long)
-        counts = torch.tensor([int(m["n_seq"]) for m in self._shards_meta], dtype=torch.long)
-        starts = torch.cumsum(counts, 0) - counts
-        shard = torch.searchsorted(starts, idx, right=True) - 1
-        for i in torch.unique(shard).tolist():
-            m = shard == i
-            local = (idx[m] - int(starts[i])).numpy()
+        out = {k: torch.empty((idx.numel(),) if k == "doc_ids" else (idx.numel(), L),
+                              dtype=torch.bool if k == "attention_mask" else torch.long) for k in names}
+        for i, m, local in self._by_shard(idx, "sequences"):
             sh = self._shard(i)
-            for name in names:
-                a = np.asarray(sh.array(name)[local]) if name == "doc_ids" else \
-                    np.asarray(sh.array(name).reshape(-1, L)[local])
-                out[name][m] = torch.from_numpy(a.astype(bool if name == "attention_mask" else np.int64))
+            for k in names:
+                a = sh.array(k) if k == "doc_ids" else sh.array(k).reshape(-1, L)
+                out[k][m] = torch.from_numpy(np.asarray(a[local.numpy()]).astype(bool if k == "attention_mask"
+                                                                                  else np.int64))
         return out
 
     def doc_ids(self) -> torch.Tensor:
         """LongTensor[n_seq]: each sequence's document id, read alone (not the token ids with it)."""
-        if self._seq_cache is not None:
-            return self._seq_cache["doc_ids"].clone()
-        return _cat([self._shard(i).tensor("doc_ids").long() for i in range(len(self._shards_meta))], torch.long)
+        return self._seq_cache["doc_ids"].clone() if self._seq_cache is not None else self._column("doc_ids")
 
     def seq_index(self) -> torch.Tensor:
         """LongTensor[n_rows]: the sequence of every row, read alone (not the positions with it)."""
-        if self._rows_cache is not None:
-            return self._rows_cache["seq_index"].clone()
-        return _cat([self._shard(i).tensor("seq_index").long() for i in range(len(self._shards_meta))], torch.long)
+        return self._rows_cache["seq_index"].clone() if self._rows_cache is not None else self._column("seq_index")
 
     def sequences(self) -> dict[str, torch.Tensor]:
         """{"token_ids": LongTensor[n_seq, seq_len], "attention_mask": BoolTensor[n_seq, seq_len],
         "doc_ids": LongTensor[n_seq]}."""
         if self._seq_cache is None:
-            tok, mask, doc = [], [], []
-            for i in range(len(self._shards_meta)):
-                sh = self._shard(i)
-                tok.append(sh.tensor("token_ids").long().reshape(-1, self.seq_len))
-                mask.append(sh.tensor("attention_mask").bool().reshape(-1, self.seq_len))
-                doc.append(sh.tensor("doc_ids").long())
-            self._seq_cache = {"token_ids": _cat(tok, torch.long, (0, self.seq_len)),
-                               "attention_mask": _cat(mask, torch.bool, (0, self.seq_len)),
-                               "doc_ids": _cat(doc, torch.long)}
-            if self.has_char_offsets:
-                ends = [self._shard(i).tensor("char_end").long().reshape(-1, self.seq_len)
-                        for i in range(len(self._shards_meta))]
-                self._seq_cache["char_end"] = _cat(ends, torch.long, (0, self.seq_len))
+            names = ["token_ids", "attention_mask", "doc_ids"] + (["char_end"] if self.has_char_offsets else [])
+            self._seq_cache = {k: self._column(k) for k in names}
         return {k: v.clone() for k, v in self._seq_cache.items()}
 
     @property
@@ -447,17 +433,8 @@ class ActivationStore:
 
     def _select(self, rows) -> dict[int, torch.Tensor]:
         """Sorted unique row indices -> {shard: sorted row offsets inside that shard}."""
-        idx = torch.as_tensor(rows).long().reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
-            raise WorkbenchError(f"rows must be indices in [0, {self.n_rows}) (the store's rows), got "
-                                 f"min {int(idx.min())}, max {int(idx.max())}")
-        idx = torch.unique(idx)           # sorted
-        starts = torch.tensor(self._row_starts, dtype=torch.long)
-        shard = torch.searchsorted(starts, idx, right=True) - 1
-        out: dict[int, torch.Tensor] = {}
-        for i in torch.unique(shard).tolist():
-            out[i] = idx[shard == i] - self._row_starts[i]
-        return out
+        idx = torch.unique(torch.as_tensor(rows).long().reshape(-1))       # sorted
+        return {i: local for i, _, local in self._by_shard(idx, "rows")}
 
     def _take(self, i: int, key: str, local: torch.Tensor | None) -> torch.Tensor:
         """Rows of shard i (all, or the sorted offsets ``local``), reading contiguous runs as

@@ -31,8 +31,8 @@ from .._util import DTYPES  # the one dtype map (formats.py reads it from here)
 from .registry import ARCHS, get_arch
 
 # AuxK takes its dense path (GEMMs over the dead latents' columns) while n_dead <= AUX_DENSE_RATIO * k_aux:
-# the GEMMs win up to ~18x k_aux dead latents on CPU (d_sae 16,384, k_aux 288, batch 4096: dense 570 ms vs
-# sparse 867 at 4,500 dead, 1,082 vs 974 at 6,000; benchmarks/bench_sae_aux.py), by more on GPU.
+# the GEMMs win up to 10-20x k_aux dead latents on CPU (benchmarks/bench_sae_aux.py, batch 4096, k_aux 288:
+# d_sae 16,384: dense 712 ms vs sparse 1,084 at 3,000 dead, 826 vs 854 at 6,000; 9,216: 489 vs 804, 979 vs 811).
 AUX_DENSE_RATIO = 16
 
 
@@ -248,7 +248,8 @@ class _GatherPreActs(torch.autograd.Function):
         return None, None, grad_W, grad_b, grad_bdec, None, None, None
 
 
-TOPK_GROUP = 16     # topk_rows: columns per group on CPU (d_sae 4,608 / 9,216 / 16,384, k 32: 1.4x / 1.7x / 1.8x)
+TOPK_GROUP = 16     # topk_rows: columns per group on CPU (bench_sae_aux.py, k 32: 1.3x / 1.3x / 1.7x torch.topk
+                    # at d_sae 4,608 / 9,216 / 16,384)
 
 
 def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -200,14 +200,14 @@ def _decode_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
 
 
 def _window_rows_fn(store: Any, context: int, halo: int):
-    """rows (a contiguous range) -> [len, 2*context+1] global row ids of each row's window (-1: no row there,
-    or none within ``halo`` rows of the range). Reads only the range's row index (``store.row_index``): memory
-    in the batch, not the store (a whole-store map cost ~40 bytes a row)."""
+    """(s, e) -> [e - s, 2*context+1] global row ids of the windows of rows s..e-1 (-1: no row there, or none
+    within ``halo`` rows of the range: a store whose sequences are not contiguous gives partial windows).
+    Reads only the range's row index (``store.row_index``): memory in the batch, not the store (a
+    whole-store map cost ~40 bytes a row)."""
     L, n = store.seq_len, store.n_rows
     offs = torch.arange(-context, context + 1)
 
-    def window_rows(rows: torch.Tensor) -> torch.Tensor:
-        s, e = int(rows[0]), int(rows[-1]) + 1
+    def window_rows(s: int, e: int) -> torch.Tensor:
         lo, hi = max(0, s - halo), min(n, e + halo)
         si, po = store.row_index(torch.arange(lo, hi))
         key = si * L + po                                     # (sequence, position) -> one sortable key
@@ -238,9 +238,9 @@ def _check_inputs(sae: Any, store: Any, hook: str) -> str:
 
 # ----------------------------------------------------------------------------------------- compute
 def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size: int, window_rows: Any,
-                  halo: int, dev: torch.device, sae_dtype: torch.dtype, cache_mb: float, d_sae: int):
-    """Stream the store through the SAE for every pass of `acc` (rows further than `halo` from a
-    batch are left out of its windows). Returns (encode seconds, codes cached).
+                  dev: torch.device, sae_dtype: torch.dtype, cache_mb: float, d_sae: int):
+    """Stream the store through the SAE for every pass of `acc`, each batch with the rows its windows
+    reach (``window_rows``). Returns (encode seconds, codes cached).
 
     Sparse codes of pass 1 are kept for the later pass while they fit in cache_mb (per row its count of
     non-zeros; per non-zero its latent, int16 below 32,768 latents, and its float32 value, bit-exact), so
@@ -255,9 +255,7 @@ def _stats_passes(sae: Any, store: Any, hook: str, acc: Any, n: int, batch_size:
         pb = bar(total=n, unit="tok", unit_scale=True, desc=f"features pass {p + 1}/{acc.n_passes}", leave=False)
         for ci, s in enumerate(range(0, n, batch_size)):
             e = min(s + batch_size, n)
-            wr = window_rows(torch.arange(s, e))
-            far = (wr >= 0) & ((wr < s - halo) | (wr >= e + halo))   # non-contiguous stores: drop
-            wr = torch.where(far, torch.full_like(wr, -1), wr)
+            wr = window_rows(s, e)
             valid = wr[wr >= 0]
             lo = min(s, int(valid.min())) if valid.numel() else s
             hi = max(e, int(valid.max()) + 1) if valid.numel() else e
@@ -372,7 +370,7 @@ def compute_features(sae: Any, store: Any, *, hook: str = "", max_tokens: int = 
 
     acc = FeatureStatsAccumulator(d_sae, n_top=n_top, n_buckets=n_buckets, per_bucket=per_bucket,
                                   hist_bins=hist_bins, window=W, seed=seed, device=dev)
-    t_enc, codes_cached = _stats_passes(sae, store, hook, acc, n, batch_size, window_rows, 2 * W + 32,
+    t_enc, codes_cached = _stats_passes(sae, store, hook, acc, n, batch_size, window_rows,
                                         dev, sae_dtype, cache_mb, d_sae)
     st = acc.result().to("cpu")
     t_stats = time.time() - t0
