@@ -7,6 +7,12 @@ and file-backed resident memory of each (``/proc/PID/status``; the store is memo
 file-backed and the kernel drops them at will). The baseline is the smaller store: what is flat does not grow.
 
     .venv/bin/python benchmarks/bench_memory.py [--rows 1000000 2000000] [--d-sae 4096] [--workdir DIR] [--keep]
+        [--stages train-sae eval-sae features] [--n-tokens N]
+
+``--stages train-sae --n-tokens 8192`` measures the training stage alone in seconds: its memory is the
+split plus the first shuffle window (~256 MiB of shards, in the seeded shard order). Compare sizes whose
+first window is equally full: one holding the short last shard reads less (600,064 rows does; 680,064 and
+1,500,032 do not). ``--workdir`` keeps the stores for a rerun.
 
 ``benchmarks/bench_scale.py`` runs the same stages on real activations of smollm2 (and collects them).
 """
@@ -38,7 +44,8 @@ def synthetic_store(path: Path, n_rows: int) -> None:
 
 
 def main() -> None:
-    a = parse(__doc__, rows=[1_000_000, 2_000_000], d_sae=4096, k=32, eval_rows=50_000, workdir="", keep=False)
+    a = parse(__doc__, rows=[1_000_000, 2_000_000], d_sae=4096, k=32, eval_rows=50_000, workdir="", keep=False,
+              stages=["train-sae", "eval-sae", "features"], n_tokens=0)
     root = Path(a.workdir or tempfile.mkdtemp(prefix="wb-memory-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"device: cpu ({torch.get_num_threads()} threads); synthetic stores in {root}; TopK d_sae {a.d_sae}, "
@@ -53,13 +60,16 @@ def main() -> None:
             shutil.rmtree(sae, ignore_errors=True)
             stages = [
                 ("train-sae", ["train-sae", str(store), "--hook", HOOK, "--arch", "topk", "--d-sae", str(a.d_sae),
-                               "--k", str(a.k), "--out", str(sae), "--device", "cpu", "--eval-tokens", "0"]),
+                               "--k", str(a.k), "--out", str(sae), "--device", "cpu", "--eval-tokens", "0",
+                               *(["--n-tokens", str(a.n_tokens)] if a.n_tokens else [])]),
                 ("eval-sae", ["eval-sae", str(sae), str(store), "--split", "held_out", "--max-tokens",
                               str(a.eval_rows), "--ce-sequences", "0", "--device", "cpu", "--out",
                               str(root / f"eval-{n}")]),
                 ("features", ["features", str(sae), str(store), "--device", "cpu", "--no-logits", "--out",
                               str(root / f"features-{n}")])]
             for name, argv in stages:
+                if name not in a.stages:
+                    continue
                 if name != "train-sae":
                     shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)
                 r = stage(name, argv, root / f"{name}-{n}.log")

@@ -265,6 +265,37 @@ def test_example_windows_map_back_to_tokens(setup):
     assert n_checked > 100 and n_none > 0
 
 
+def test_example_windows_read_sequences_a_chunk_at_a_time(setup, monkeypatch):
+    """The windows of the examples' rows are the same whatever the chunk of sequences read at once, and no
+    read asks for more than a chunk (a wide SAE's examples reach every sequence: reading them all at once
+    held every token of the store)."""
+    from types import SimpleNamespace
+    store, t = setup["store"], setup["t"]
+    seqs, rows = store.sequences(), store.rows()
+    st = SimpleNamespace(top_rows=t["top_rows"], bucket_rows=t["bucket_rows"])
+    asked, real = [], type(store).sequences_at
+
+    def spy(self, idx):
+        asked.append(len(idx))
+        return real(self, idx)
+
+    monkeypatch.setattr(type(store), "sequences_at", spy)
+    whole = F._example_windows(st, store, CONTEXT, chunk=10 ** 6)
+    assert whole["ref_rows"].numel() > 20 and len(torch.unique(whole["ref_seq"])) > 5 and asked == [
+        len(torch.unique(whole["ref_seq"]))]
+    s_, p_ = rows["seq_index"][whole["ref_rows"]], rows["position"][whole["ref_rows"]]
+    assert torch.equal(whole["ref_seq"], s_) and torch.equal(whole["ref_doc"], seqs["doc_ids"][s_])
+    for j, (s1, p1) in enumerate(zip(s_.tolist(), p_.tolist())):           # brute force, one window at a time
+        want = [int(seqs["token_ids"][s1, q]) if 0 <= q < store.seq_len and seqs["attention_mask"][s1, q] else -1
+                for q in range(p1 - CONTEXT, p1 + CONTEXT + 1)]
+        assert whole["window_token_ids"][j].tolist() == want
+    for chunk in (1, 2, 5):
+        asked.clear()
+        got = F._example_windows(st, store, CONTEXT, chunk=chunk)
+        assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in got)
+        assert max(asked) <= chunk and sum(asked) == len(torch.unique(whole["ref_seq"]))
+
+
 def test_out_of_range_latent_names_valid_range(setup):
     fd = setup["fd"]
     for bad in (D_SAE, -1, 10 ** 6):

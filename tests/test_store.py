@@ -274,7 +274,7 @@ def test_split_falls_back_to_sequences_with_too_few_documents(tmp_path):
     one = write_store(tmp_path / "one", acts, tok, mask, torch.zeros(40, dtype=torch.long), si, po, "m")
     sp = one.split(0.05, 0)
     assert sp.unit == "sequence" and sp.heldout_seqs.numel() == 2 and "too few" in sp.note
-    assert set(si[sp.heldout_rows].tolist()) == set(sp.heldout_seqs.tolist())
+    assert set(si[sp.heldout_rows.indices()].tolist()) == set(sp.heldout_seqs.tolist())
     acts1 = {h: v[si == 0] for h, v in acts.items()}
     n0 = int((si == 0).sum())
     single = write_store(tmp_path / "single", acts1, tok[:1], mask[:1], torch.zeros(1, dtype=torch.long),

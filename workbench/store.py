@@ -427,14 +427,22 @@ class ActivationStore:
         return split_store(self, holdout, seed)
 
     def split_rows(self, holdout: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train_row_idx, heldout_row_idx), sorted LongTensors; rule in :mod:`workbench.store_split`."""
+        """(train_row_idx, heldout_row_idx), sorted LongTensors (8 bytes a row: ``split()`` gives them as
+        ``RowRanges``, which ``batches(rows=...)`` takes directly); rule in :mod:`workbench.store_split`."""
         sp = self.split(holdout, seed)
-        return sp.train_rows, sp.heldout_rows
+        return sp.train_rows.indices(), sp.heldout_rows.indices()
 
-    def _select(self, rows) -> dict[int, torch.Tensor]:
-        """Sorted unique row indices -> {shard: sorted row offsets inside that shard}."""
+    def _select(self, rows) -> "_Selection":
+        """Rows (a ``RowRanges``, or indices in any order, duplicates ignored) -> the shards holding any of
+        them, with their counts and sorted offsets inside each shard."""
+        from .store_split import RowRanges
+        if isinstance(rows, RowRanges):
+            if rows.n_ranges and (int(rows.starts[0]) < 0 or int(rows.ends[-1]) > self.n_rows):
+                raise WorkbenchError(f"rows must be indices in [0, {self.n_rows}) (the store's rows), got "
+                                     f"[{int(rows.starts[0])}, {int(rows.ends[-1])})")
+            return _Selection(self, rows)
         idx = torch.unique(torch.as_tensor(rows).long().reshape(-1))       # sorted
-        return {i: local for i, _, local in self._by_shard(idx, "rows")}
+        return _Selection(self, {i: local for i, _, local in self._by_shard(idx, "rows")})
 
     def _take(self, i: int, key: str, local: torch.Tensor | None) -> torch.Tensor:
         """Rows of shard i (all, or the sorted offsets ``local``), reading contiguous runs as
@@ -456,9 +464,10 @@ class ActivationStore:
                 drop_last: bool = False, buffer_rows: int | None = None,
                 rows=None) -> Iterator[torch.Tensor]:
         """Stream one hook as [batch_size, d] tensors; every row exactly once per pass (the last
-        batch is smaller unless drop_last). ``rows`` (row indices, e.g. from :meth:`split_rows`)
-        restricts the stream to those rows, each once (duplicates ignored); only their shards are
-        read, contiguous runs as slices.
+        batch is smaller unless drop_last). ``rows`` (a ``RowRanges`` such as ``split().train_rows``,
+        or row indices) restricts the stream to those rows, each once (duplicates ignored); only
+        their shards are read, contiguous runs as slices. Ranges become a shard's row offsets only
+        when that shard is read (never a list over the store), with the same batches as the indices.
 
         Shuffle scheme (bounded memory): the shard order is permuted with ``seed``; shards are then
         taken in that order into a window of at least ``buffer_rows`` rows (default: as many rows as
@@ -484,8 +493,8 @@ class ActivationStore:
             return
         if not shuffle:                   # selected rows in store order, shard by shard
             carry = torch.empty((0, d), dtype=self.dtype)
-            for i in sorted(sel):
-                buf = torch.cat([carry, self._take(i, key, sel[i])])
+            for i in sel.shards:
+                buf = torch.cat([carry, self._take(i, key, sel.local(i))])
                 full = (buf.shape[0] // batch_size) * batch_size
                 for s in range(0, full, batch_size):
                     yield _move(buf[s:s + batch_size], device, dtype)
@@ -498,20 +507,20 @@ class ActivationStore:
         g = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(len(self._shards_meta), generator=g).tolist()
         if sel is not None:
-            order = [i for i in order if i in sel]
+            order = [i for i in order if sel.count(i)]
         carry = torch.empty((0, d), dtype=self.dtype)
         k = 0
         while k < len(order):
             take, n = [], carry.shape[0]
             while k < len(order) and (n < buffer_rows or not take):
                 take.append(order[k])
-                n += int(self._shards_meta[order[k]]["rows"]) if sel is None else int(sel[order[k]].numel())
+                n += int(self._shards_meta[order[k]]["rows"]) if sel is None else sel.count(order[k])
                 k += 1
             buf = torch.empty((n, d), dtype=self.dtype)    # filled shard by shard: no second window-sized copy
             buf[:carry.shape[0]] = carry
             pos = carry.shape[0]
             for i in take:
-                t = self._take(i, key, None if sel is None else sel[i])
+                t = self._take(i, key, None if sel is None else sel.local(i))
                 buf[pos:pos + t.shape[0]] = t
                 pos += t.shape[0]
                 del t
@@ -523,6 +532,30 @@ class ActivationStore:
             del buf
         if carry.shape[0] and not drop_last:
             yield _move(carry, device, dtype)
+
+
+class _Selection:
+    """The rows ``batches`` streams, shard by shard: from index tensors, the offsets grouped once (as many
+    as the indices); from ``RowRanges``, counts from the ranges and each shard's offsets made only when
+    ``local`` is asked for it (None: the whole shard, read as one slice)."""
+
+    def __init__(self, store: "ActivationStore", rows):
+        self._rows = rows
+        if isinstance(rows, dict):
+            self._counts = {i: int(t.numel()) for i, t in rows.items()}
+        else:
+            self._bounds = {i: (int(m["row_start"]), int(m["row_start"]) + int(m["rows"]))
+                            for i, m in enumerate(store._shards_meta)}
+            self._counts = {i: c for i, (a, b) in self._bounds.items() if (c := rows.count(a, b))}
+        self.shards = sorted(i for i, c in self._counts.items() if c)
+
+    def count(self, i: int) -> int:
+        return self._counts.get(i, 0)
+
+    def local(self, i: int) -> torch.Tensor | None:
+        if isinstance(self._rows, dict):
+            return self._rows[i]
+        return self._rows.in_shard(*self._bounds[i])
 
 
 def _cat(ts: list[torch.Tensor], dtype: torch.dtype, empty_shape=(0,)) -> torch.Tensor:

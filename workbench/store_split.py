@@ -11,6 +11,13 @@ Too few documents: when ``round(holdout * n_documents) < 1`` (e.g. a store of on
 the unit falls back to the sequence window (same rule over sequence indices; windows of one
 document can then land on both sides, and ``meta()["unit"]`` says ``"sequence"``). Fewer than two
 units: an error. ``holdout == 0`` holds out nothing.
+
+Memory: the split never holds a tensor over the store's rows (at 10^7 rows those are ~0.6 GB). The
+rows of each side are a :class:`RowRanges` (sorted half-open row ranges): a store's rows are grouped
+by sequence, so the held-out rows are about one run per held-out document (exact for any row order,
+only more ranges), found by reading each shard's ``seq_index`` column alone.
+``ActivationStore.batches(rows=...)`` turns ranges into row offsets one shard at a time.
+Per-sequence tensors (``n_rows / seq_len`` entries) are kept as is.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import WorkbenchError
@@ -29,6 +37,94 @@ RULE = ("units (documents, or sequence windows when the store has too few docume
 
 def _key(seed: int, uid: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "big")
+
+
+class RowRanges:
+    """A set of store rows as sorted, disjoint, half-open ranges ``[starts[i], ends[i])`` (int64
+    tensors; touching ranges are merged, so a shard wholly inside the set is one range). Memory in
+    the number of ranges, not rows: what a train / held-out split by document is."""
+
+    def __init__(self, starts, ends):
+        s = torch.as_tensor(starts, dtype=torch.long).reshape(-1)
+        e = torch.as_tensor(ends, dtype=torch.long).reshape(-1)
+        if s.shape != e.shape or bool((e < s).any()) or bool((s[1:] < e[:-1]).any()):
+            raise ValueError("RowRanges needs sorted, disjoint [start, end) ranges")
+        keep = e > s
+        s, e = s[keep], e[keep]
+        if s.numel() > 1:                              # merge ranges that touch
+            new = torch.ones_like(s, dtype=torch.bool)
+            new[1:] = s[1:] != e[:-1]
+            first = torch.nonzero(new).flatten()
+            last = torch.cat([first[1:] - 1, torch.tensor([s.numel() - 1])])
+            s, e = s[first], e[last]
+        self.starts, self.ends = s, e
+        self._n = int((e - s).sum())
+
+    @classmethod
+    def from_indices(cls, idx) -> "RowRanges":
+        """The distinct rows of an index tensor / list as ranges (tests, small sets)."""
+        i = torch.unique(torch.as_tensor(idx, dtype=torch.long).reshape(-1))
+        if i.numel() == 0:
+            return cls([], [])
+        cut = torch.nonzero(i[1:] - i[:-1] != 1).flatten() + 1
+        first = torch.cat([torch.tensor([0]), cut])
+        last = torch.cat([cut - 1, torch.tensor([i.numel() - 1])])
+        return cls(i[first], i[last] + 1)
+
+    def numel(self) -> int:
+        return self._n
+
+    __len__ = numel
+
+    @property
+    def n_ranges(self) -> int:
+        return int(self.starts.numel())
+
+    def _clip(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranges cut to [start, stop), as offsets from start."""
+        i = int(torch.searchsorted(self.ends, torch.tensor([start]), right=True)[0])
+        j = int(torch.searchsorted(self.starts, torch.tensor([stop]), right=False)[0])
+        return self.starts[i:j].clamp(min=start) - start, self.ends[i:j].clamp(max=stop) - start
+
+    def count(self, start: int, stop: int) -> int:
+        """Rows of the set inside [start, stop)."""
+        s, e = self._clip(start, stop)
+        return int((e - s).sum())
+
+    def in_shard(self, start: int, stop: int) -> torch.Tensor | None:
+        """Sorted offsets (from ``start``) of the set's rows inside [start, stop), or None when the set
+        covers all of it (the caller reads it whole). Memory in the rows of that span only."""
+        s, e = self._clip(start, stop)
+        if s.numel() == 1 and int(s[0]) == 0 and int(e[0]) == stop - start and stop > start:
+            return None
+        n = e - s
+        if s.numel() == 0:
+            return torch.empty(0, dtype=torch.long)
+        base = torch.repeat_interleave(s - (torch.cumsum(n, 0) - n), n)   # offset of each range, minus its first slot
+        return base + torch.arange(int(n.sum()))
+
+    def indices(self) -> torch.Tensor:
+        """Every row as a sorted LongTensor (8 bytes a row: for small sets and API callers)."""
+        out = self.in_shard(0, int(self.ends[-1])) if self.n_ranges else torch.empty(0, dtype=torch.long)
+        return torch.arange(int(self.ends[-1])) if out is None else out
+
+    def complement(self, n: int) -> "RowRanges":
+        """The rows of [0, n) not in the set."""
+        s = torch.cat([torch.tensor([0]), self.ends])
+        e = torch.cat([self.starts, torch.tensor([n])])
+        return RowRanges(s, e)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, RowRanges):
+            return NotImplemented
+        return torch.equal(self.starts, other.starts) and torch.equal(self.ends, other.ends)
+
+    __hash__ = None     # mutable tensors inside
+
+    def __repr__(self) -> str:
+        show = ", ".join(f"[{a}, {b})" for a, b in zip(self.starts[:3].tolist(), self.ends[:3].tolist()))
+        more = f", ... ({self.n_ranges} ranges)" if self.n_ranges > 3 else ""
+        return f"RowRanges({self._n} rows: {show}{more})"
 
 
 def heldout_units(ids: list[int], holdout: float, seed: int) -> set[int]:
@@ -45,8 +141,8 @@ class StoreSplit:
     unit: str                     # "document" | "sequence" | "none"
     n_units: int
     n_heldout_units: int
-    train_rows: torch.Tensor      # sorted row indices
-    heldout_rows: torch.Tensor
+    train_rows: RowRanges         # row ranges (``.indices()``: the sorted row indices)
+    heldout_rows: RowRanges
     train_seqs: torch.Tensor      # sorted sequence indices
     heldout_seqs: torch.Tensor
     note: str = ""
@@ -69,12 +165,11 @@ def split_store(store, holdout: float = 0.05, seed: int = 0) -> StoreSplit:
     if not 0.0 <= holdout < 1.0:
         raise WorkbenchError(f"holdout must be a fraction in [0, 1) (e.g. 0.05 = 5% of the documents), "
                              f"got {holdout}")
-    doc_ids = store.doc_ids()              # not sequences() / rows(): token ids and positions are not needed,
-    n_seq = int(doc_ids.numel())           # and at 10^7 rows they are hundreds of MB
-    seq_index = store.seq_index()
-    all_rows = torch.arange(seq_index.numel())
+    doc_ids = store.doc_ids()              # per sequence; not sequences() / rows() / seq_index(): per-row
+    n_seq = int(doc_ids.numel())           # tensors are hundreds of MB at 10^7 rows (rows: see _rows_of)
     if holdout == 0.0:
-        return StoreSplit(0.0, int(seed), "none", 0, 0, all_rows, all_rows[:0],
+        nothing = RowRanges([], [])
+        return StoreSplit(0.0, int(seed), "none", 0, 0, nothing.complement(store.n_rows), nothing,
                           torch.arange(n_seq), torch.arange(0), "holdout=0: nothing held out")
     n_docs = int(torch.unique(doc_ids).numel())
     note = ""
@@ -101,6 +196,23 @@ def split_store(store, holdout: float = 0.05, seed: int = 0) -> StoreSplit:
         raise WorkbenchError(f"holdout={holdout} would hold out all {n_units} {unit}s of {store.path}")
     is_held_seq = torch.zeros(n_seq, dtype=torch.bool)
     is_held_seq[held_seq] = True
-    held_row = is_held_seq[seq_index]
-    return StoreSplit(holdout, int(seed), unit, n_units, len(out), all_rows[~held_row], all_rows[held_row],
+    held = _rows_of(store, is_held_seq.numpy())
+    return StoreSplit(holdout, int(seed), unit, n_units, len(out), held.complement(store.n_rows), held,
                       torch.nonzero(~is_held_seq).flatten(), held_seq, note)
+
+
+def _rows_of(store, is_seq: np.ndarray) -> RowRanges:
+    """The rows whose sequence is flagged in ``is_seq``, as ranges: each shard's ``seq_index`` column is read
+    alone (memory: one shard's column, not the store's rows), its flagged runs become ranges."""
+    starts, ends = [], []
+    for i, meta in enumerate(store._shards_meta):
+        if not int(meta["rows"]):
+            continue
+        flag = is_seq[np.asarray(store._shard(i).array("seq_index"))].astype(np.int8)
+        edge = np.diff(flag, prepend=np.int8(0), append=np.int8(0))
+        r0 = int(meta["row_start"])
+        starts.append(torch.from_numpy(np.flatnonzero(edge == 1)) + r0)
+        ends.append(torch.from_numpy(np.flatnonzero(edge == -1)) + r0)
+    if not starts:
+        return RowRanges([], [])
+    return RowRanges(torch.cat(starts), torch.cat(ends))

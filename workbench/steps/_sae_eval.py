@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import WorkbenchError
+from ..store_split import RowRanges
 
 SPLIT_CHOICES = ["auto", "held_out", "train", "all"]
 EV_CONVENTION = ("around the per-dimension mean (SAELens >= 2026 / SAEBench corrected); "
@@ -46,7 +47,7 @@ def split_meta(store, sp) -> dict[str, Any]:
 
 @dataclass
 class EvalRows:
-    rows: torch.Tensor | None     # store rows to evaluate (None: all)
+    rows: RowRanges | None        # store rows to evaluate (None: all); ranges, so no tensor per row
     seqs: torch.Tensor | None     # store sequences for the CE loss (None: all)
     split: str                    # "held_out" | "in_sample"
     note: str
@@ -151,12 +152,11 @@ def ce_metrics(sae, store, hook: str, n_seq: int, device, seqs: torch.Tensor | N
         return None, f"model {spec!r} not loadable here: {e}", {}
     if getattr(model, "kind", "causal") != "causal":
         return None, f"model {spec!r} is not causal", {}
-    all_seqs = store.sequences()
-    pick = (torch.arange(all_seqs["token_ids"].shape[0]) if seqs is None else torch.as_tensor(seqs).long())[:n_seq]
+    pick = (torch.arange(store.n_seq) if seqs is None else torch.as_tensor(seqs).long())[:n_seq]
     if pick.numel() == 0:
         return None, "no sequences to score", {}
-    ids = all_seqs["token_ids"][pick]
-    mask = all_seqs["attention_mask"][pick]
+    got = store.sequences_at(pick)          # only the scored sequences, not the store's token ids
+    ids, mask = got["token_ids"], got["attention_mask"]
     sae = sae.to(model.device)
 
     def reconstruct(act):

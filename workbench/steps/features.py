@@ -318,23 +318,33 @@ def _weight_panels(W_dec: torch.Tensor, dev: torch.device, n_neighbours: int, n_
     return tensors, logits_reason
 
 
-def _example_windows(st: Any, store: Any, context: int) -> dict[str, torch.Tensor]:
-    """Token windows (-1: outside the sequence or padding) of the rows the examples refer to, only (their
-    sequences read alone: ``store.sequences_at``)."""
+WINDOW_SEQ_CHUNK = 2048   # sequences read at once for the example windows
+
+
+def _example_windows(st: Any, store: Any, context: int, chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Token windows (-1: outside the sequence or padding) of the rows the examples refer to, only. Their
+    sequences are read ``chunk`` at a time (``store.sequences_at``): a wide SAE's examples reach nearly every
+    sequence of the store, and reading them all at once held every token of the store (~20 bytes a row)."""
+    chunk = chunk or WINDOW_SEQ_CHUNK
     refs = torch.cat([st.top_rows.reshape(-1), st.bucket_rows.reshape(-1)])
     ref_rows = torch.unique(refs[refs >= 0])
     rs, rp = store.row_index(ref_rows)
     useq, inv = torch.unique(rs, return_inverse=True)
-    seqs = store.sequences_at(useq)
-    tok, mask, docs = seqs["token_ids"], seqs["attention_mask"], seqs["doc_ids"]
-    L = store.seq_len
-    pp = rp[:, None] + torch.arange(-context, context + 1)
-    inside = (pp >= 0) & (pp < L)
-    ppc = pp.clamp(0, L - 1)
-    wt = tok[inv[:, None], ppc]
-    ok = inside & mask[inv[:, None], ppc]
-    window_tokens = torch.where(ok, wt, torch.full_like(wt, -1)).to(torch.int32)
-    return {"ref_rows": ref_rows, "ref_seq": rs, "ref_pos": rp, "ref_doc": docs[inv], "window_token_ids": window_tokens}
+    L, W = store.seq_len, 2 * context + 1
+    window_tokens = torch.full((ref_rows.numel(), W), -1, dtype=torch.int32)
+    docs = torch.empty(ref_rows.numel(), dtype=torch.long)
+    order = torch.argsort(inv)                    # refs grouped by sequence, so a chunk's refs are one slice
+    cuts = torch.searchsorted(inv[order], torch.arange(0, useq.numel() + chunk, chunk)).tolist()
+    for c, a in enumerate(range(0, useq.numel(), chunk)):
+        j = order[cuts[c]:cuts[c + 1]]            # the refs whose sequence is in useq[a:a + chunk]
+        seqs = store.sequences_at(useq[a:a + chunk])
+        tok, mask, k = seqs["token_ids"], seqs["attention_mask"], inv[j] - a
+        pp = rp[j, None] + torch.arange(-context, context + 1)
+        ppc = pp.clamp(0, L - 1)
+        ok = (pp >= 0) & (pp < L) & mask[k[:, None], ppc]
+        window_tokens[j] = torch.where(ok, tok[k[:, None], ppc], torch.full_like(pp, -1)).to(torch.int32)
+        docs[j] = seqs["doc_ids"][k]
+    return {"ref_rows": ref_rows, "ref_seq": rs, "ref_pos": rp, "ref_doc": docs, "window_token_ids": window_tokens}
 
 
 @torch.no_grad()
