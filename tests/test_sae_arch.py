@@ -137,6 +137,70 @@ def test_topk_sparse_backward_equals_dense():
         assert torch.allclose(getattr(sae, name).grad, g, atol=1e-5), name
 
 
+@pytest.mark.parametrize("arch", ["topk", "matryoshka"])
+def test_sparse_weight_gradients_equal_dense_at_width(arch):
+    """The weight gradients are embedding_bag sums over the entries sorted by latent (base._latent_sum):
+    at a width where many latents fire several times in the batch and many never (empty runs), they equal
+    dense autograd, and land in each parameter's own layout (W_enc column-major: no transposing copy)."""
+    d_in, d_sae, k, B = 24, 300, 8, 64
+    kw = dict(k=k, matryoshka_widths=[100, 300]) if arch == "matryoshka" else dict(k=k)
+    sae = _perturbed(arch, d_in, d_sae, **kw)
+    x = torch.randn(B, d_in) * 2
+    inp = TrainStepInput(x=x, denom=(x - x.mean(0)).pow(2).sum(), n_global=B)
+    out = sae.training_forward(inp)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    if arch == "matryoshka":                       # BatchTopK's selection: the k * B largest of the batch
+        tau = pre.relu().flatten().sort(descending=True).values[k * B - 1]
+        mask = ((pre >= tau) & (pre > 0)).float()
+    else:
+        mask = torch.zeros_like(pre).scatter_(1, pre.topk(k, dim=1).indices, 1.0)
+    counts = mask.sum(0)
+    assert int((counts == 0).sum()) > 20 and int((counts >= 3).sum()) > 20     # both cases are exercised
+    if arch == "matryoshka":                       # the inner prefix's loss, by dense autograd too
+        out.loss.backward()
+        W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().clone().requires_grad_() for n in
+                                      ("W_enc", "b_enc", "W_dec", "b_dec"))
+        f = ((x - b_dec) @ W_enc + b_enc).relu() * mask
+        denom = (x - x.mean(0)).pow(2).sum()
+        loss = sum((x - (f * (torch.arange(d_sae) < m)) @ W_dec - b_dec).pow(2).sum() / denom for m in (100, 300))
+        loss.backward()
+        ref = {"W_enc": W_enc.grad, "b_enc": b_enc.grad, "W_dec": W_dec.grad, "b_dec": b_dec.grad}
+    else:
+        out.loss.backward()
+        ref = _dense_reference_grads(sae, x, mask)
+    for name, g in ref.items():
+        p = getattr(sae, name)
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
+        assert p.grad.stride() == p.stride(), name
+    assert sae.W_enc.stride() == (1, d_in)
+
+
+def test_a_train_step_leaves_no_reference_cycle():
+    """The sparse backward's saved state must not point back at the graph (SparseActs.values does): a cycle
+    through autograd nodes keeps each step's [n, d_sae] tensors alive until a full gc."""
+    import gc
+    import weakref
+    sae = _perturbed("topk", 16, 64, k=4)
+    x = torch.randn(32, 16)
+    refs, orig = [], SparseActs.from_topk
+
+    def spy(*a, **k):
+        r = orig(*a, **k)
+        refs.append(weakref.ref(r))
+        return r
+    gc.disable()
+    try:
+        SparseActs.from_topk = staticmethod(spy)
+        for _ in range(3):
+            out = sae.training_forward(TrainStepInput(x=x, denom=x.var(0).sum() * 32, n_global=32))
+            out.loss.backward()
+            del out
+        assert refs and all(r() is None for r in refs)
+    finally:
+        SparseActs.from_topk = staticmethod(orig)
+        gc.enable()
+
+
 def test_sparse_decode_equals_dense_decode():
     sae = _perturbed("topk", 16, 64, k=5)
     x = torch.randn(33, 16)

@@ -58,6 +58,28 @@ def test_resume_after_interruption_equals_uninterrupted(arch, tmp_path):
         train_sae(X, arch=arch, checkpoint_dir=tmp_path, **{**KW, "lr": 1e-3})
 
 
+def test_resume_from_a_row_major_checkpoint_equals_uninterrupted(tmp_path):
+    """Checkpoints written before W_enc was stored column-major hold row-major Adam state; fused Adam walks
+    state and parameter as flat memory, so resuming must re-lay the state out (else a silent wrong update)."""
+    X = _data()
+    ref = train_sae(X, arch="topk", **KW)
+    assert ref.W_enc.stride() == (1, ref.cfg.d_in)          # column-major, as the sparse gradient comes
+
+    def boom(step, info):
+        if step == 7:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train_sae(X, arch="topk", checkpoint_dir=tmp_path, checkpoint_every=3, callback=boom, **KW)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ck["model"] = {k: v.contiguous() for k, v in ck["model"].items()}
+    st = ck["optim"]["state"]
+    assert any(not v.is_contiguous() for s in st.values() for v in s.values() if torch.is_tensor(v))
+    ck["optim"]["state"] = {i: {k: v.contiguous() if torch.is_tensor(v) else v for k, v in s.items()}
+                            for i, s in st.items()}
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    _assert_same(ref, train_sae(X, arch="topk", checkpoint_dir=tmp_path, checkpoint_every=3, **KW))
+
+
 def test_resume_after_sigkill_with_callable_source(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""

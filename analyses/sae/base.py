@@ -194,6 +194,17 @@ class SparseActs:
     n_rows: int
     d_sae: int
 
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, offsets): the entries sorted by latent (stable) and where each latent's run starts. Under
+        this layout both weight gradients are ``embedding_bag`` forwards (see ``_latent_sum``); computed once
+        per selection and shared by the encoder's and the decoder's backward."""
+        if getattr(self, "_by_latent", None) is None:
+            c, order = self.indices.sort(stable=True)
+            offsets = torch.zeros(self.d_sae, dtype=torch.long, device=c.device)
+            offsets[1:] = torch.bincount(c, minlength=self.d_sae)[:-1].cumsum(0)
+            self._by_latent = (order, offsets)
+        return self._by_latent
+
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.n_rows, self.d_sae, dtype=self.values.dtype, device=self.values.device)
         out[self.rows, self.indices] = self.values
@@ -218,34 +229,57 @@ class SparseActs:
 
 # ------------------------------------------------------------------------- sparse autograd pieces
 
+def _latent_sum(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+    """[d_sae, d] with row c = sum over the entries e of latent c of weights[e] * src[rows[e]]: a weight
+    gradient of the sparse encoder / decoder, as one ``embedding_bag`` forward over the entries sorted by
+    latent (bag c = latent c). Exact (fp32 sums) and about 3x faster on CPU than a sparse COO matmul or
+    embedding_bag's own backward, and it writes each output row once (no zero-filled [d_sae, d] first)."""
+    return F.embedding_bag(rows[order], src, offsets, mode="sum", per_sample_weights=weights[order].to(src.dtype))
+
+
 class _GatherPreActs(torch.autograd.Function):
     """values = pre[rows, cols] where pre = (x - b_dec) W_enc + b_enc was computed without autograd.
-    Backward touches only the selected entries: grad W_enc = (S @ x_in)^T with S [d_sae, n] sparse —
-    O(nnz d_in) instead of the dense O(n d_in d_sae) (sparsify's fused-encoder idea)."""
+    Backward touches only the selected entries: grad W_enc^T row c = sum of g_e x_in[row_e] over latent c's
+    entries — O(nnz d_in) instead of the dense O(n d_in d_sae) (sparsify's fused-encoder idea).
+    ``by_latent`` (optional): ``SparseActs.by_latent()`` of these entries, shared with the decoder's backward
+    (tensors, not the SparseActs: its values lead back to this node, a reference cycle)."""
 
     @staticmethod
-    def forward(ctx, pre, x_in, W_enc, b_enc, b_dec, rows, cols, use_b_dec):
+    def forward(ctx, pre, x_in, W_enc, b_enc, b_dec, rows, cols, use_b_dec, by_latent=None):
         ctx.save_for_backward(x_in, W_enc, rows, cols)
-        ctx.use_b_dec = use_b_dec
+        ctx.use_b_dec, ctx.by_latent = use_b_dec, by_latent
         return pre[rows, cols]
 
     @staticmethod
     def backward(ctx, g):
         x_in, W_enc, rows, cols = ctx.saved_tensors
-        g = g.float() if g.dtype != W_enc.dtype else g
         g = g.to(W_enc.dtype)
         d_sae = W_enc.shape[1]
         grad_W = grad_b = grad_bdec = None
         if ctx.needs_input_grad[2]:
-            S = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, x_in.shape[0]),
-                                        is_coalesced=False, check_invariants=False)
-            grad_W = torch.sparse.mm(S, x_in.to(W_enc.dtype)).t()
+            order = ctx.by_latent or SparseActs(g, cols, rows, rows[:0], 0, d_sae).by_latent()
+            grad_W = _latent_sum(x_in.to(W_enc.dtype), rows, g, *order).t()
         gb = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
         if ctx.needs_input_grad[3]:
             grad_b = gb
         if ctx.needs_input_grad[4] and ctx.use_b_dec:
             grad_bdec = -(W_enc @ gb)
-        return None, None, grad_W, grad_b, grad_bdec, None, None, None
+        return None, None, grad_W, grad_b, grad_bdec, None, None, None, None
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """The identity on x_hat (decoded with W_dec detached, so autograd gives only the values' gradient),
+    adding W_dec's gradient through ``_latent_sum``: row c = sum of v_e g[row_e] over latent c's entries."""
+
+    @staticmethod
+    def forward(ctx, out, W_dec, rows, by_latent, values):
+        ctx.rows, ctx.by_latent, ctx.values = rows, by_latent, values
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, _latent_sum(g.to(ctx.values.dtype), ctx.rows, ctx.values, *ctx.by_latent), None, None, None
 
 
 TOPK_GROUP = 16     # topk_rows: columns per group on CPU (bench_sae_aux.py, k 32: 1.3x / 1.3x / 1.7x torch.topk
@@ -314,8 +348,11 @@ def sparse_decode(acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor | N
     """x_hat = sum of the active decoder rows weighted by their activations (+ b_dec), without the
     dense [n, d_sae] @ [d_sae, d_in] matmul. ``values`` overrides ``acts.values`` (masked prefixes)."""
     v = acts.values if values is None else values
-    out = F.embedding_bag(acts.indices, W_dec, acts.offsets, mode="sum",
+    grad_W = W_dec.requires_grad and torch.is_grad_enabled()
+    out = F.embedding_bag(acts.indices, W_dec.detach() if grad_W else W_dec, acts.offsets, mode="sum",
                           per_sample_weights=v.to(W_dec.dtype))
+    if grad_W:      # W_dec's gradient by _latent_sum, not embedding_bag's backward (zero-fill + scatter)
+        out = _DecoderGrad.apply(out, W_dec, acts.rows, acts.by_latent(), v.detach().to(W_dec.dtype))
     return out if b_dec is None else out + b_dec
 
 
@@ -379,7 +416,11 @@ class SAE(nn.Module):
         self.cfg = cfg
         dt = DTYPES.get(cfg.dtype, torch.float32)
         dev = torch.device(cfg.device) if cfg.device != "meta" else torch.device("cpu")
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dt, device=dev))
+        # W_enc [d_in, d_sae] is stored column-major (the transpose of a contiguous [d_sae, d_in]): the sparse
+        # encoder gradient comes out [d_sae, d_in] (_latent_sum), so it is the parameter's layout and is
+        # taken without the transposing copy (8 ms of a 75 ms step at 4,608 latents on CPU); the encoder GEMM
+        # is as fast and bit-identical either way, and dense autograd follows the parameter's layout.
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dt, device=dev).t())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt, device=dev))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dt, device=dev))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dt, device=dev))
@@ -516,7 +557,7 @@ class SAE(nn.Module):
         (values: their ReLU'd pre-activations) reconstruct the detached residual e = x - x_hat (AuxK's form;
         aux_zipf_loss reuses it with another selection)."""
         vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
-                                    self.cfg.apply_b_dec_to_input).relu()
+                                    self.cfg.apply_b_dec_to_input, acts.by_latent()).relu()
         e_hat = sparse_decode(acts, self.W_dec, None, values=vals)
         return self._residual_mse(inp, e_hat, residual, coef)
 

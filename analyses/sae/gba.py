@@ -146,7 +146,7 @@ class GroupBiasAdaptationSAE(SAE):
             self._accumulate(y, mask, x_in.detach(), inp)
             acts = SparseActs.from_mask(z * self.scale, mask)
         vals = _GatherPreActs.apply(z * self.scale.detach(), x_in, self.W_enc, self.b_enc.detach(), self.b_dec,
-                                    acts.rows, acts.indices, self.cfg.apply_b_dec_to_input)
+                                    acts.rows, acts.indices, self.cfg.apply_b_dec_to_input, acts.by_latent())
         acts.values = vals
         x_hat = sparse_decode(acts, self.W_dec, self.b_dec)
         sq = (x - x_hat).pow(2).sum()

@@ -40,7 +40,7 @@ class TopKSAE(SAE):
             pre = preacts(inp, self.b_enc, x_in, self.W_enc)    # one pass over [n, d_sae], not two
             acts = self._select(pre, inp)
         vals = _GatherPreActs.apply(pre, x_in, self.W_enc, self.b_enc, self.b_dec, acts.rows, acts.indices,
-                                    self.cfg.apply_b_dec_to_input).relu()
+                                    self.cfg.apply_b_dec_to_input, acts.by_latent()).relu()
         acts.values = vals
         x_hat = sparse_decode(acts, self.W_dec, self.b_dec)
         residual = x - x_hat

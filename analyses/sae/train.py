@@ -354,6 +354,13 @@ def _subspace_init(sae: SAE, first: torch.Tensor, init: str, subspace: Any, keep
     return basis if keep else None
 
 
+def same_layout(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``p``'s strides (a copy only when they differ). Fused Adam walks parameter, gradient and
+    state as flat memory: a gradient or state of another layout than its parameter (a hand-set gradient, a
+    row-major state from an older checkpoint, against the column-major W_enc) would be silently misapplied."""
+    return t if t.stride() == p.stride() else torch.empty_like(p).copy_(t)
+
+
 class _Trainer:
     keep_basis: torch.Tensor | None = None    # active-subspace basis the decoder rows are kept in
     def __init__(self, sae: SAE, run: RunSettings, src: "_Source", coll: Collective, dev: torch.device,
@@ -420,6 +427,11 @@ class _Trainer:
     def _restore(self, state: dict) -> None:
         self.sae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
+        for p in self.params:            # a checkpoint from before W_enc was column-major holds row-major state
+            st = self.opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    st[k] = same_layout(p, v)
         cal = state.get("cal_pos")
         self.st = _State(step=int(state["step"]), pos=tuple(state["pos"]), scale=float(state["scale"]),
                          since_fired=state["since_fired"].to(self.dev), counts=state["counts"].to(self.dev),
@@ -497,6 +509,9 @@ class _Trainer:
                 p.grad = flat[i:i + n].view_as(p).clone()
                 i += n
         sae.remove_parallel_grad()
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = same_layout(p, p.grad)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
