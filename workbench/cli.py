@@ -32,8 +32,8 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         helptext = md.get("help", "")
-        if has_default and default not in (None, "", []) and base is not bool:
-            helptext += f" (default: {default})"
+        if has_default and default not in (None, "", []) and base is not bool and "default" not in helptext:
+            helptext += f" (default: {default})"   # not when the help states it (0 often means "computed")
         kw: dict[str, Any] = {"help": helptext.replace("%", "%%"), "dest": f.name}
         if md.get("choices"):
             kw["choices"] = md["choices"]
