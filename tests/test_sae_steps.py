@@ -78,6 +78,42 @@ def test_train_sae_default_batch_size_is_the_trainers_rule(store, tmp_path):
                                "out": str(tmp_path / "sae2"), "progress": False})
 
 
+def test_autocast_on_cpu_is_opt_in_and_recorded(store, tmp_path, monkeypatch):
+    """--autocast on runs the step's matmuls in bf16 on CPU too (before, autocast was silently dropped off
+    CUDA); the default stays float32 there; the SAE records which it was; the one-pass grid path takes it."""
+    import analyses.sae.topk as topk
+    from workbench.errors import WorkbenchError
+    from workbench.steps import run_step
+    seen = []
+    orig = topk.preacts
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        seen.append(out.dtype)
+        return out
+    monkeypatch.setattr(topk, "preacts", spy)
+    s, _ = store
+    base = {"store": str(s.path), "arch": "topk", "d_sae": 64, "k": 3, "n_tokens": 8192, "batch_size": 256,
+            "lr": 1e-2, "eval_tokens": 2048, "progress": False, "device": "cpu"}
+    fvu = {}
+    for mode in ("auto", "on"):
+        seen.clear()
+        r = run_step("train_sae", {**base, "hook": "blocks.0.hook_resid_post", "autocast": mode,
+                                   "out": str(tmp_path / mode)})
+        cfg = json.loads((tmp_path / mode / "cfg.json").read_text())
+        assert cfg["metadata"]["workbench"]["autocast"] == (None if mode == "auto" else "bf16")
+        assert set(seen) == {torch.float32 if mode == "auto" else torch.bfloat16}
+        fvu[mode] = r.metrics["fvu"]
+    assert abs(fvu["on"] - fvu["auto"]) < 0.05, fvu          # same SAE up to bf16 rounding of the encoder
+    seen.clear()                                              # a grid (one pass) takes it too
+    run_step("train_sae", {**base, "hook": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+                           "autocast": "on", "out": str(tmp_path / "grid")})
+    assert seen and set(seen) == {torch.bfloat16}
+    with pytest.raises(WorkbenchError, match="autocast must be auto, on or off"):
+        run_step("train_sae", {**base, "hook": "blocks.0.hook_resid_post", "autocast": "bf16",
+                               "out": str(tmp_path / "bad")})
+
+
 def test_step_errors(store, tmp_path):
     from workbench.errors import WorkbenchError
     from workbench.steps import STEPS, run_step

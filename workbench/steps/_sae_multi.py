@@ -147,7 +147,7 @@ def _train_grid(cfg, topk_family, coll, device: str) -> StepResult:
         extra = {kk: v for kk, v in (("l1_coef", cfg.l1_coef), ("l0_coef", cfg.l0_coef)) if v}
         specs.append(dict(hook=c["hook"], arch=cfg.arch, d_sae=c["d_sae"], k=k, seed=c["seed"], lr=cfg.lr or None,
                           checkpoint_dir=str(out / ".checkpoints"), metadata=meta, **extra))
-    from .sae import checkpoint_bytes, disk_space_guard
+    from .sae import autocast_option, checkpoint_bytes, disk_space_guard
     if coll.world_size > 1:       # rank 0's folders are ready (and old SAEs removed) before anyone reads them
         import torch.distributed as dist
         dist.barrier()
@@ -155,7 +155,8 @@ def _train_grid(cfg, topk_family, coll, device: str) -> StepResult:
     try:
         with disk_space_guard(outs[0].parent, need, f"the checkpoints of {len(specs)} SAEs"):
             saes = train_saes(source, specs, n_tokens=n_tokens, batch_size=int(cfg.batch_size) or None,
-                              device=device, checkpoint_every=cfg.checkpoint_every or None,
+                              device=device, autocast=autocast_option(cfg),
+                              checkpoint_every=cfg.checkpoint_every or None,
                               progress=progress_stream() if cfg.progress else False, on_error="keep")
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None
@@ -233,7 +234,8 @@ def train_one_pass(cfgs: list, topk_family) -> list:
     StepResult or exception per config."""
     from analyses.sae import SAETrainingError
     from analyses.sae.multi import train_saes
-    from .sae import _init_options, _open_store, checkpoint_bytes, disk_space_guard, finish_one, prepare_one
+    from .sae import (_init_options, _open_store, autocast_option, checkpoint_bytes, disk_space_guard, finish_one,
+                      prepare_one)
     store = _open_store(cfgs[0].store)
     prepared: list = []
     for c in cfgs:                # a member's bad settings (k > d_sae, ...) fail that member only
@@ -264,7 +266,7 @@ def train_one_pass(cfgs: list, topk_family) -> list:
     try:
         with disk_space_guard(one["out"].parent, need, f"the checkpoints of {len(specs)} SAEs"):
             saes = train_saes(source, specs, n_tokens=one["n_tokens"], batch_size=one["bs"], device=c0.device,
-                              checkpoint_every=c0.checkpoint_every or None,
+                              autocast=autocast_option(c0), checkpoint_every=c0.checkpoint_every or None,
                               progress=progress_stream() if c0.progress else False, on_error="keep")
     except (SAETrainingError, ValueError) as e:
         raise WorkbenchError(f"train-sae: {e}") from None

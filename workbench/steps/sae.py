@@ -78,6 +78,14 @@ def _store_meta(store, hook: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- train
 
+def autocast_option(cfg) -> bool | None:
+    """train_sae's ``autocast`` from the step's field (auto: the trainer's default)."""
+    modes = {"auto": None, "on": True, "off": False}
+    if cfg.autocast not in modes:
+        raise WorkbenchError(f"--autocast must be auto, on or off, got {cfg.autocast!r}")
+    return modes[cfg.autocast]
+
+
 def _init_options(cfg) -> dict[str, Any]:
     """train_sae's init / subspace / keep_subspace from the step's fields (checked here: bad input)."""
     if cfg.init == "random":
@@ -116,6 +124,9 @@ class TrainSAEConfig:
     seed: int = field(default=0, metadata=arg("random seed (init and data order; with several, the first "
                                               "orders the data)", many=True))
     device: str = field(default="auto", metadata=arg("cpu, cuda, cuda:1, ... or auto"))
+    autocast: str = field(default="auto", metadata=arg(
+        "bf16 autocast of the training step: auto (on on CUDA, off on CPU), on (on CPU too: fast only with "
+        "bf16 matrix units such as AMX; changes the numbers), off", choices=["auto", "on", "off"]))
     out: str = field(default="", metadata=arg("SAE folder to write (default: WORKSPACE/saes/ARCH-HOOK-D_SAE)",
                                                      role="out"))
     overwrite: bool = field(default=False, metadata=arg("replace an existing SAE at --out"))
@@ -164,7 +175,8 @@ def train_sae_step(cfg: TrainSAEConfig) -> StepResult:
         with disk_space_guard(one["out"], checkpoint_bytes(one["d_in"], one["d_sae"]), "an SAE checkpoint"):
             sae = train_sae(source, arch=cfg.arch, d_sae=one["d_sae"], k=one["k"], n_tokens=one["n_tokens"],
                             batch_size=one["bs"], lr=cfg.lr or None, seed=seed, device=cfg.device,
-                            checkpoint_dir=one["ckpt"], checkpoint_every=cfg.checkpoint_every or None,
+                            autocast=autocast_option(cfg), checkpoint_dir=one["ckpt"],
+                            checkpoint_every=cfg.checkpoint_every or None,
                             progress=progress_stream() if cfg.progress else False, metadata=one["meta"],
                             **_init_options(cfg), **one["arch_cfg"])
     except (SAETrainingError, ValueError) as e:
