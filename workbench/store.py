@@ -445,18 +445,18 @@ class ActivationStore:
         return _Selection(self, {i: local for i, _, local in self._by_shard(idx, "rows")})
 
     def _take(self, i: int, key: str, local: torch.Tensor | None) -> torch.Tensor:
-        """Rows of shard i (all, or the sorted offsets ``local``), reading contiguous runs as
-        slices of the map (held-out documents are runs of rows); scattered rows by fancy index."""
+        """Rows of shard i (all, or the sorted offsets ``local``), reading contiguous runs as slices of the
+        map (held-out documents are runs of rows); mostly scattered rows by fancy index."""
+        from .store_split import RowRanges
         sh = self._shard(i)
         if local is None:
             return sh.tensor(key)
         if local.numel() == 0:
             return torch.empty((0, int(sh.tensors[key]["shape"][1])), dtype=self.dtype)
-        cut = (torch.nonzero(local[1:] - local[:-1] != 1).flatten() + 1).tolist()
-        if len(cut) + 1 > max(4, local.numel() // 8):      # mostly scattered rows
+        runs = RowRanges.from_indices(local)
+        if runs.n_ranges > max(4, local.numel() // 8):      # mostly scattered rows
             return _to_torch(np.asarray(sh.array(key)[local.numpy()]), sh.st_dtype(key))
-        bounds = [0, *cut, local.numel()]
-        parts = [sh.tensor(key, int(local[a]), int(local[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+        parts = [sh.tensor(key, a, b) for a, b in zip(runs.starts.tolist(), runs.ends.tolist())]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def batches(self, hook: str, batch_size: int, shuffle: bool = True, seed: int = 0,

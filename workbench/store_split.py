@@ -62,7 +62,8 @@ class RowRanges:
 
     @classmethod
     def from_indices(cls, idx) -> "RowRanges":
-        """The distinct rows of an index tensor / list as ranges (tests, small sets)."""
+        """The distinct rows of an index tensor / list as their contiguous runs (also how ``_take`` reads a
+        shard's sorted offsets as slices)."""
         i = torch.unique(torch.as_tensor(idx, dtype=torch.long).reshape(-1))
         if i.numel() == 0:
             return cls([], [])

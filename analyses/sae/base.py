@@ -199,10 +199,7 @@ class SparseActs:
         this layout both weight gradients are ``embedding_bag`` forwards (see ``_latent_sum``); computed once
         per selection and shared by the encoder's and the decoder's backward."""
         if getattr(self, "_by_latent", None) is None:
-            c, order = self.indices.sort(stable=True)
-            offsets = torch.zeros(self.d_sae, dtype=torch.long, device=c.device)
-            offsets[1:] = torch.bincount(c, minlength=self.d_sae)[:-1].cumsum(0)
-            self._by_latent = (order, offsets)
+            self._by_latent = _latent_order(self.indices, self.d_sae)
         return self._by_latent
 
     def to_dense(self) -> torch.Tensor:
@@ -228,6 +225,14 @@ class SparseActs:
 
 
 # ------------------------------------------------------------------------- sparse autograd pieces
+
+def _latent_order(cols: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets) of entries at latents ``cols``: stable sort by latent, and where each latent's run starts."""
+    c, order = cols.sort(stable=True)
+    offsets = torch.zeros(d_sae, dtype=torch.long, device=c.device)
+    offsets[1:] = torch.bincount(c, minlength=d_sae)[:-1].cumsum(0)
+    return order, offsets
+
 
 def _latent_sum(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
                 offsets: torch.Tensor) -> torch.Tensor:
@@ -258,7 +263,7 @@ class _GatherPreActs(torch.autograd.Function):
         d_sae = W_enc.shape[1]
         grad_W = grad_b = grad_bdec = None
         if ctx.needs_input_grad[2]:
-            order = ctx.by_latent or SparseActs(g, cols, rows, rows[:0], 0, d_sae).by_latent()
+            order = ctx.by_latent or _latent_order(cols, d_sae)
             grad_W = _latent_sum(x_in.to(W_enc.dtype), rows, g, *order).t()
         gb = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
         if ctx.needs_input_grad[3]:

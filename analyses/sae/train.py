@@ -359,8 +359,8 @@ def _subspace_init(sae: SAE, first: torch.Tensor, init: str, subspace: Any, keep
 
 def resolve_autocast(autocast: bool | None, dev: torch.device) -> bool:
     """bf16 autocast of the train step: on by default on CUDA; on CPU only when asked (it changes the numbers,
-    and it is fast only with bf16 matrix units: AMX / AVX512-BF16, e.g. 1,700 vs 243 GFLOP/s for fp32 on
-    one Sapphire Rapids core pair, and a 4,608-latent TopK step 88 -> 60 ms); other devices: off."""
+    and it pays only with bf16 matrix units, AMX / AVX512-BF16: a whole TopK step 1.20-1.85x faster on a 2-core
+    AMX CPU, benchmarks/bench_sae_grads.py); other devices: off."""
     if autocast is None:
         return dev.type == "cuda"
     if not autocast or dev.type not in ("cuda", "cpu"):
@@ -530,7 +530,7 @@ class _Trainer:
             i = 0
             for p in self.params:
                 n = p.numel()
-                p.grad = flat[i:i + n].view_as(p).clone()
+                p.grad = flat[i:i + n].view_as(p)      # a view of the reduced copy; same_layout below
                 i += n
         sae.remove_parallel_grad()
         for p in self.params:
